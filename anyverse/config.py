@@ -1,0 +1,234 @@
+"""One config schema for the whole system, its named profiles, and where weights live.
+
+Every model field is ``extra="forbid"`` so a typo fails at load time, not halfway through a run.
+Profiles are YAML files in ``anyverse/profiles``; ``load_config`` applies dotted overrides on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from anyverse.types import OUTPUT_MODALITIES, Modality
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Caps(Strict):
+    """Hard limits on what input is decoded at all. Larger-but-sane media is resized or sampled, not refused."""
+
+    max_file_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_image_pixels: int = Field(default=100_000_000, gt=0, description="beyond this an image is a bomb")
+    image_side: int = Field(default=1024, gt=0, description="larger images are downscaled to this side")
+    max_audio_seconds: float = Field(default=4 * 3600, gt=0)
+    max_video_seconds: float = Field(default=4 * 3600, gt=0)
+    max_video_frames: int = Field(default=1_000_000, gt=0, description="frames declared by the container")
+    max_video_pixels: int = Field(default=8192 * 8192, gt=0, description="per frame")
+    max_text_chars: int = Field(default=32_000, gt=0)
+    max_attachments: int = Field(default=16, gt=0)
+    allowed_roots: list[Path] | None = Field(
+        default=None,
+        description="directories media may resolve into; None allows a named file's own directory only",
+    )
+
+
+class TinySpec(Strict):
+    """Marks a component as built from a small config with random weights (the tiny profile).
+
+    ``arch`` holds architecture overrides for the component's builder; the built weights are saved to the
+    cache and loaded back through the same ``from_pretrained`` path real weights use.
+    """
+
+    seed: int = 0
+    arch: dict[str, Any] = Field(default_factory=dict)
+
+
+class Component(Strict):
+    """A model part loaded from ``path`` (local dir or hub id in the HF cache), or built tiny."""
+
+    path: str | None = None
+    tiny: TinySpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Component:
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of 'path' (real weights) or 'tiny' (random tiny weights)")
+        return self
+
+
+class EncoderConfig(Component):
+    kind: Literal["imagebind"] = "imagebind"
+    batch_size: int = Field(default=8, gt=0)
+
+
+class InputProjectorConfig(Strict):
+    kind: Literal["linear", "mlp", "resampler"] = "mlp"
+    num_tokens: int = Field(default=1, gt=0, le=256)
+    hidden_dim: int | None = Field(default=None, gt=0, description="mlp/resampler width; default LLM width")
+    layers: int = Field(default=1, gt=0, description="resampler cross-attention layers")
+    heads: int = Field(default=4, gt=0)
+
+
+class OutputProjectorConfig(Strict):
+    d_model: int = Field(default=512, gt=0)
+    encoder_layers: int = Field(default=2, ge=0)
+    decoder_layers: int = Field(default=2, gt=0)
+    heads: int = Field(default=4, gt=0)
+    feedforward: int = Field(default=2048, gt=0)
+
+
+class LoraConfigSpec(Strict):
+    r: int = Field(default=32, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class LLMConfig(Component):
+    adapter: str | None = Field(default=None, description="peft LoRA adapter dir to load on top")
+    lora: LoraConfigSpec = Field(default_factory=LoraConfigSpec)
+    max_new_tokens: int = Field(default=256, gt=0)
+    max_context_tokens: int = Field(default=4096, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    system_prompt: str = Field(default="v1", description="version folder under prompts/")
+
+
+class OutputConfig(Strict):
+    """How the LLM asks for media: JSON meta-responses (ModaVerse) or signal tokens (NExT-GPT)."""
+
+    mode: Literal["meta", "signal"] = "meta"
+    signal_tokens: dict[Modality, int] = Field(
+        default_factory=lambda: {Modality.IMAGE: 4, Modality.VIDEO: 24, Modality.AUDIO: 8}
+    )
+    constrained: Literal["auto", "xgrammar", "off"] = "auto"
+    retries: int = Field(default=2, ge=0, le=10, description="re-asks when a meta-response is malformed")
+    max_prompt_chars: int = Field(default=400, gt=0)
+    max_requests: int = Field(default=4, gt=0, description="media requests honoured per reply")
+
+    @model_validator(mode="after")
+    def _outputs_only(self) -> OutputConfig:
+        bad = [m.value for m in self.signal_tokens if m not in OUTPUT_MODALITIES]
+        if bad:
+            raise ValueError(f"signal_tokens: {bad} cannot be generated; use image, video or audio")
+        if any(n <= 0 for n in self.signal_tokens.values()):
+            raise ValueError("signal_tokens: counts must be positive")
+        return self
+
+
+class GeneratorConfig(Component):
+    plugin: str = Field(description="registered generator name, e.g. 'stable-diffusion'")
+    options: dict[str, Any] = Field(default_factory=dict, description="defaults, validated by the plugin")
+    offload: bool = Field(default=False, description="diffusers model CPU offload (accelerators only)")
+
+
+class RuntimeConfig(Strict):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    generator_memory_gb: float = Field(default=24.0, gt=0, description="loaded generators beyond this unload LRU")
+    threads: int | None = Field(default=None, gt=0, description="torch CPU threads; None keeps torch's default")
+
+
+class AnyverseConfig(Strict):
+    profile: str = "custom"
+    encoder: EncoderConfig
+    input_projectors: dict[Modality, InputProjectorConfig] = Field(default_factory=dict)
+    default_input_projector: InputProjectorConfig = Field(default_factory=InputProjectorConfig)
+    output_projector: OutputProjectorConfig = Field(default_factory=OutputProjectorConfig)
+    projector_weights: str | None = Field(default=None, description="safetensors file with trained projectors")
+    llm: LLMConfig
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    generators: dict[Modality, GeneratorConfig]
+    caps: Caps = Field(default_factory=Caps)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _generators_make_outputs(self) -> AnyverseConfig:
+        bad = [m.value for m in self.generators if m not in OUTPUT_MODALITIES]
+        if bad:
+            raise ValueError(f"generators: no generator can produce {bad}")
+        return self
+
+    def input_projector(self, modality: Modality) -> InputProjectorConfig:
+        return self.input_projectors.get(modality, self.default_input_projector)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def anyverse_home() -> Path:
+    """Root for caches and tiny weights: ``$ANYVERSE_HOME`` or ``~/.cache/anyverse``."""
+    return Path(os.environ.get("ANYVERSE_HOME", Path.home() / ".cache" / "anyverse")).expanduser()
+
+
+def tiny_dir(component: str, spec: TinySpec, extra: dict[str, Any] | None = None) -> Path:
+    """Cache directory of a tiny component, keyed by everything that shapes its weights."""
+    key = json.dumps({"spec": spec.model_dump(), "extra": extra or {}}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return anyverse_home() / "tiny" / f"{component}-{digest}"
+
+
+def profile_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("anyverse.profiles").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to nested dicts."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[last] = yaml.safe_load(raw)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which file or key and why."""
+
+
+def load_config(profile_or_file: str | Path = "tiny", overrides: list[str] | None = None) -> AnyverseConfig:
+    """Load a named profile or a YAML/JSON file, apply ``key.path=value`` overrides, validate."""
+    path = Path(profile_or_file)
+    if path.suffix in {".yaml", ".yml", ".json"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        data = _read_yaml(path.read_text(), str(path))
+        where = str(path)
+    else:
+        name = str(profile_or_file)
+        resource = resources.files("anyverse.profiles") / f"{name}.yaml"
+        if not resource.is_file():
+            raise ConfigError(f"unknown profile {name!r}; known: {', '.join(profile_names())}")
+        data = _read_yaml(resource.read_text(), f"profile {name}")
+        data.setdefault("profile", name)
+        where = f"profile {name}"
+    for override in overrides or []:
+        _apply_override(data, override)
+    try:
+        return AnyverseConfig.model_validate(data)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None

@@ -1,0 +1,123 @@
+"""The nouns every module shares: modalities, media items, requests, events and turn results."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Modality(str, Enum):
+    """What a media item is. Text, depth and thermal are inputs only; image, video and audio go both ways."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+    VIDEO = "video"
+    DEPTH = "depth"
+    THERMAL = "thermal"
+
+    @property
+    def label(self) -> str:
+        """Short prefix of the ids the model sees and writes (``img_1``, ``aud_2``)."""
+        return _LABELS[self]
+
+
+_LABELS = {
+    Modality.TEXT: "txt",
+    Modality.IMAGE: "img",
+    Modality.AUDIO: "aud",
+    Modality.VIDEO: "vid",
+    Modality.DEPTH: "dep",
+    Modality.THERMAL: "thm",
+}
+
+OUTPUT_MODALITIES = (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO)
+
+
+class Media(BaseModel):
+    """One media item: where its bytes are, what they are, and the id the conversation knows it by.
+
+    Decoding happens on demand in :mod:`anyverse.media`; this record is small and serialisable.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    modality: Modality
+    path: Path
+    sha256: str
+    format: str = Field(description="container/codec sniffed from the bytes, e.g. 'png', 'wav', 'mp4'")
+    original_name: str
+    id: str | None = Field(default=None, description="conversation id such as 'img_1', set by the session")
+
+    def with_id(self, media_id: str) -> Media:
+        return self.model_copy(update={"id": media_id})
+
+
+class GenerationOptions(BaseModel):
+    """Options every generator understands; plugins may add their own on top."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int | None = None
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance: float | None = Field(default=None, ge=0.0, le=50.0)
+    width: int | None = Field(default=None, ge=8, le=4096)
+    height: int | None = Field(default=None, ge=8, le=4096)
+    frames: int | None = Field(default=None, ge=1, le=512)
+    seconds: float | None = Field(default=None, gt=0.0, le=600.0)
+
+
+class MediaRequest(BaseModel):
+    """A validated request for new media, from a meta-response or from signal tokens."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    modality: Modality
+    prompt: str | None = None
+    source: str | None = Field(default=None, description="id of a conversation media item to edit or vary")
+    options: GenerationOptions = Field(default_factory=GenerationOptions)
+    origin: Literal["meta", "signal", "direct"] = "direct"
+    conditioning: dict[str, Any] | None = Field(
+        default=None, exclude=True, description="tensors from the output projector (signal mode)"
+    )
+
+
+class TextDelta(BaseModel):
+    kind: Literal["text"] = "text"
+    text: str
+
+
+class MediaRequested(BaseModel):
+    kind: Literal["request"] = "request"
+    request: MediaRequest
+    index: int = Field(description="order of the request within the reply")
+
+
+class MediaProduced(BaseModel):
+    kind: Literal["media"] = "media"
+    media: Media
+    request: MediaRequest
+    seconds: float
+
+
+class Notice(BaseModel):
+    """Something went wrong but the turn goes on: shown to the user as text, never raised."""
+
+    kind: Literal["notice"] = "notice"
+    message: str
+
+
+Event = TextDelta | MediaRequested | MediaProduced | Notice
+
+
+class TurnResult(BaseModel):
+    """What one turn returns: the reply text, the media it made, and where time went."""
+
+    text: str
+    media: list[MediaProduced] = Field(default_factory=list)
+    notices: list[str] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    output_dir: Path | None = None

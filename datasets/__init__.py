@@ -1,0 +1,1 @@
+"""Data only: dataset cards, manifest formats and tiny fixtures, read with importlib.resources."""

@@ -1,0 +1,1 @@
+"""Data only: versioned system prompts and chat templates, read with importlib.resources."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class Modality(str, Enum):
+class Modality(StrEnum):
     """What a media item is. Text, depth and thermal are inputs only; image, video and audio go both ways."""
 
     TEXT = "text"
@@ -54,6 +54,14 @@ class Media(BaseModel):
 
     def with_id(self, media_id: str) -> Media:
         return self.model_copy(update={"id": media_id})
+
+
+class Message(BaseModel):
+    """One conversation turn. Media come before the text for users and after it for the assistant."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str = ""
+    media: list[Media] = Field(default_factory=list)
 
 
 class GenerationOptions(BaseModel):

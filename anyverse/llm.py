@@ -1,0 +1,173 @@
+"""Load any causal LM + tokenizer with a chat template, add anyverse's special tokens, attach LoRA adapters.
+
+The tiny profile builds a small Llama and a byte-level BPE tokenizer from config, saves them with
+``save_pretrained`` and loads them back through exactly the code path a 7B checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from anyverse.config import LLMConfig, LoraConfigSpec, TinySpec
+from anyverse.signals import SignalVocabulary
+from anyverse.weights import component_dir, locate
+
+log = logging.getLogger(__name__)
+
+TINY_ARCH = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
+TINY_VOCAB_SIZE = 512
+_CHAT_SPECIALS = ["<s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny BPE learns merges from: the shipped system prompts, so prompts tokenise compactly."""
+    root = resources.files("anyverse.prompts")
+    return [f.read_text() for d in root.iterdir() if d.is_dir() for f in d.iterdir() if f.name.endswith(".md")]
+
+
+def build_tiny_llm(directory: Path, spec: TinySpec) -> None:
+    """A byte-level BPE tokenizer with a ChatML template and a small random Llama, written as safetensors."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=_CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_tokenizer_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = (resources.files("anyverse.prompts") / "chat_templates/chatml.jinja").read_text()
+    tokenizer.save_pretrained(directory)
+
+    torch.manual_seed(spec.seed)
+    arch = {**TINY_ARCH, **spec.arch}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+@dataclass
+class LoadedLLM:
+    """The causal LM (possibly a peft model), its tokenizer, and the ids of anyverse's special tokens."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    vocab: SignalVocabulary
+
+    def token_id(self, token: str) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(token))  # type: ignore[attr-defined]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)  # type: ignore[union-attr]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id  # type: ignore[attr-defined]
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    def neutralize(self, text: str) -> str:
+        """Make user-typed special tokens (signal tokens, markers, chat-template tokens) plain text.
+
+        A zero-width space after the first character keeps the text readable but stops the tokenizer from
+        matching it as a special token, so a user cannot trigger generation or fake a turn boundary.
+        """
+        specials = sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True)  # type: ignore[attr-defined]
+        pattern = re.compile("|".join(re.escape(s) for s in specials if len(s) > 1))
+        return pattern.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
+
+    def input_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)  # type: ignore[operator]
+
+
+def llm_dir(config: LLMConfig) -> Path:
+    return component_dir(
+        "llm",
+        config,
+        build=lambda d: build_tiny_llm(d, config.tiny),  # type: ignore[arg-type]
+        how_to_get=f"Run `huggingface-cli download {config.path}` on a machine with internet (then copy the HF "
+        "cache), or set llm.path to a local directory holding the model and its tokenizer.",
+    )
+
+
+def adapter_dir(config: LLMConfig) -> Path | None:
+    if config.adapter is None:
+        return None
+    return locate(config.adapter, "llm.adapter", "Point llm.adapter at a peft adapter directory (adapter_config.json).")
+
+
+def check_llm_weights(config: LLMConfig) -> None:
+    if config.tiny is None:
+        llm_dir(config)
+    adapter_dir(config)
+
+
+def load_llm(config: LLMConfig, vocab: SignalVocabulary, device: torch.device, dtype: torch.dtype) -> LoadedLLM:
+    """Load tokenizer + model, add the special tokens (new rows start at the mean embedding), load LoRA if set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = llm_dir(config)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{directory}: the tokenizer has no chat template; use a chat model or add one")
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": vocab.special_tokens}, replace_extra_special_tokens=False
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    adapter = adapter_dir(config)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(device).eval().requires_grad_(False)
+    return LoadedLLM(model=model, tokenizer=tokenizer, vocab=vocab)
+
+
+def attach_lora(llm: LoadedLLM, spec: LoraConfigSpec) -> LoadedLLM:
+    """Wrap the LM with fresh trainable LoRA weights; the added special tokens' embedding rows train too."""
+    from peft import LoraConfig, get_peft_model
+
+    new_ids = [llm.token_id(t) for t in llm.vocab.special_tokens]
+    lora = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        trainable_token_indices={"embed_tokens": new_ids},
+        task_type="CAUSAL_LM",
+    )
+    return LoadedLLM(model=get_peft_model(llm.model, lora), tokenizer=llm.tokenizer, vocab=llm.vocab)

@@ -1,0 +1,97 @@
+"""Projector builders: ImageBind features -> LLM soft tokens, and signal hidden states -> generator conditioning.
+
+Builders, not subclasses (torchtune style): ``build_input_projector`` picks linear / mlp / resampler from config.
+Every width comes from the loaded encoder, LLM or generator spec; none is a constant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anyverse.config import InputProjectorConfig, OutputProjectorConfig
+
+
+class PooledProjector(nn.Module):
+    """Linear or MLP from the pooled embedding to ``k`` soft tokens (NExT-GPT used linear with k=1)."""
+
+    def __init__(self, layers: nn.Module, num_tokens: int, llm_dim: int):
+        super().__init__()
+        self.layers, self.num_tokens, self.llm_dim = layers, num_tokens, llm_dim
+
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.layers(pooled).view(pooled.shape[0], self.num_tokens, self.llm_dim)
+
+
+class Resampler(nn.Module):
+    """Perceiver/Q-Former style: ``k`` learned queries cross-attend over the encoder's patch tokens."""
+
+    def __init__(self, token_dim: int, llm_dim: int, cfg: InputProjectorConfig):
+        super().__init__()
+        width = cfg.hidden_dim or llm_dim
+        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)
+        self.kv = nn.Linear(token_dim, width)
+        layer = nn.TransformerDecoderLayer(width, cfg.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerDecoder(layer, cfg.layers)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_dim))
+
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        return self.out(self.blocks(queries, self.kv(tokens)))
+
+
+def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int) -> nn.Module:
+    """``forward(pooled [B, embed_dim], tokens [B, N, token_dim]) -> [B, k, llm_dim]``."""
+    k = cfg.num_tokens
+    if cfg.kind == "linear":
+        return PooledProjector(nn.Linear(embed_dim, k * llm_dim), k, llm_dim)
+    if cfg.kind == "mlp":
+        hidden = cfg.hidden_dim or llm_dim
+        mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, k * llm_dim))
+        return PooledProjector(mlp, k, llm_dim)
+    return Resampler(token_dim, llm_dim, cfg)
+
+
+class OutputProjector(nn.Module):
+    """NExT-GPT's transformer projector: signal hidden states in, one tensor per declared conditioning out.
+
+    ``spec`` is the generator's declared conditioning, name -> (sequence length, width); e.g. SD 1.5 gives
+    ``{"prompt_embeds": (77, 768)}`` and AudioLDM-2 gives two entries. Learned queries, one per output position.
+    """
+
+    def __init__(self, llm_dim: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.spec = dict(spec)
+        self.inp = nn.Linear(llm_dim, d)
+        layer_args = {"dropout": 0.0, "batch_first": True, "norm_first": True}
+        self.encoder = (
+            nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(d, cfg.heads, cfg.feedforward, **layer_args),
+                cfg.encoder_layers,
+                enable_nested_tensor=False,
+            )
+            if cfg.encoder_layers
+            else None
+        )
+        self.decoder = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(d, cfg.heads, cfg.feedforward, **layer_args), cfg.decoder_layers
+        )
+        self.queries = nn.ParameterDict({n: nn.Parameter(torch.randn(s, d) * 0.02) for n, (s, _) in spec.items()})
+        self.heads = nn.ModuleDict({n: nn.Linear(d, width) for n, (_, width) in spec.items()})
+
+    def forward(self, signal_states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``signal_states`` [B, n_signal, llm_dim] -> {name: [B, seq, width]}."""
+        memory = self.inp(signal_states)
+        if self.encoder is not None:
+            memory = self.encoder(memory)
+        batch = signal_states.shape[0]
+        names = list(self.spec)
+        queries = torch.cat([self.queries[n] for n in names]).unsqueeze(0).expand(batch, -1, -1)
+        decoded = self.decoder(queries, memory)
+        out, start = {}, 0
+        for name in names:
+            length = self.spec[name][0]
+            out[name] = self.heads[name](decoded[:, start : start + length])
+            start += length
+        return out

@@ -110,7 +110,7 @@ class OutputConfig(Strict):
     signal_tokens: dict[Modality, int] = Field(
         default_factory=lambda: {Modality.IMAGE: 4, Modality.VIDEO: 24, Modality.AUDIO: 8}
     )
-    constrained: Literal["auto", "xgrammar", "off"] = "auto"
+    constrained: Literal["auto", "xgrammar", "none"] = "auto"
     retries: int = Field(default=2, ge=0, le=10, description="re-asks when a meta-response is malformed")
     max_prompt_chars: int = Field(default=400, gt=0)
     max_requests: int = Field(default=4, gt=0, description="media requests honoured per reply")

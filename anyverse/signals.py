@@ -76,10 +76,13 @@ class MetaResponse(BaseModel):
 
 
 @lru_cache(maxsize=64)
-def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = ()) -> str:
-    """JSON schema for constrained decoding: bounded prompt, ``source`` limited to ids that exist."""
+def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), modalities: tuple[str, ...] = ()) -> str:
+    """JSON schema for constrained decoding: bounded prompt, ``source`` limited to ids that exist, and
+    ``modality`` limited to ``modalities`` when given (a reply that must make a video)."""
     schema: dict[str, Any] = MetaResponse.model_json_schema()
     props = schema["properties"]
+    if modalities:
+        props["modality"]["enum"] = list(modalities)
     props["prompt"]["maxLength"] = max_prompt_chars
     props["source"] = {"anyOf": [{"enum": list(media_ids)}, {"type": "null"}]} if media_ids else {"type": "null"}
     return json.dumps(schema)
@@ -88,16 +91,24 @@ def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = ()) -> 
 def validate_meta(raw: str, max_prompt_chars: int) -> MediaRequest:
     """Parse and validate a meta-response body. Raises ValueError with a short, user-readable reason."""
     try:
-        meta = MetaResponse.model_validate_json(raw)
+        # strict=False: grammar backends let raw control characters into JSON strings; they are harmless here.
+        data = json.loads(raw, strict=False)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"request: invalid JSON ({err.msg} at column {err.colno})") from None
+    try:
+        meta = MetaResponse.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "request"
         raise ValueError(f"{where}: {first['msg']}") from None
-    if len(meta.prompt) > max_prompt_chars:
+    prompt = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", meta.prompt).split())
+    if not prompt:
+        raise ValueError("prompt: empty")
+    if len(prompt) > max_prompt_chars:
         raise ValueError(f"prompt: longer than {max_prompt_chars} characters")
     return MediaRequest(
         modality=Modality(meta.modality),
-        prompt=meta.prompt,
+        prompt=prompt,
         source=meta.source,
         options=meta.options,
         origin="meta",

@@ -50,7 +50,7 @@ def test_meta_requests_parse_the_same_for_any_chunking(chunk: int) -> None:
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        ("{not json}", "Invalid JSON"),
+        ("{not json}", "invalid JSON"),
         ('{"modality": "smell", "prompt": "x"}', "modality"),
         ('{"modality": "image"}', "prompt"),
         ('{"modality": "image", "prompt": "' + "x" * 41 + '"}', "longer than 40"),

@@ -1,0 +1,204 @@
+"""Streamed generation from ``inputs_embeds`` with the constraints that keep requests well formed.
+
+``RequestConstraints`` is a stateless logits processor (it reads the generated ids each step): soft-token
+placeholders are never generated, a started signal run is completed in order (NExT-GPT asserted instead, #66),
+the other mode's syntax is masked, and ``require`` reserves the end of the token budget for a request.
+``xgrammar`` (when installed) constrains the JSON inside meta-response markers to the schema.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor
+from transformers.generation.streamers import BaseStreamer
+
+from anyverse.llm import LoadedLLM
+from anyverse.signals import MEDIA_END, MEDIA_START, MEDIA_TOKEN, REQUEST_CLOSE, REQUEST_OPEN, meta_json_schema
+from anyverse.types import Modality
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestConstraints(LogitsProcessor):
+    """Token-level rules for one reply. ``require``: a modality whose request the reply must contain."""
+
+    llm: LoadedLLM
+    mode: str
+    max_new_tokens: int
+    require: Modality | None = None
+    meta_reserve: int = 0
+    _ids: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [REQUEST_OPEN, REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END, *self.llm.vocab.all_signal_tokens]
+        self._ids = {n: self.llm.token_id(n) for n in names}
+        self._runs = {m: [self._ids[t] for t in self.llm.vocab.signal_tokens(m)] for m in self.llm.vocab.counts}
+        ours = set(self._ids.values())
+        tokenizer_specials = self.llm.tokenizer.all_special_ids  # type: ignore[attr-defined]
+        # placeholders, and template/bos/pad tokens: never part of a reply (the stop tokens are)
+        self._never = [self._ids[n] for n in (MEDIA_START, MEDIA_TOKEN, MEDIA_END)] + [
+            i for i in tokenizer_specials if i not in ours and i not in self.llm.stop_ids]
+        self._later_signals = [i for run in self._runs.values() for i in run[1:]]
+        if self.mode == "meta":
+            self._never += [i for run in self._runs.values() for i in run]
+        else:
+            self._never += [self._ids[REQUEST_OPEN], self._ids[REQUEST_CLOSE]]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Runs after a grammar processor: it only narrows what the grammar allows, never widens it."""
+        for row, ids in enumerate(input_ids.tolist()):
+            allowed = scores[row].clone()
+            forced = self._forced(ids)
+            if forced is not None and torch.isfinite(allowed[forced]):
+                scores[row] = float("-inf")
+                scores[row, forced] = allowed[forced]
+                continue
+            scores[row, self._never] = float("-inf")
+            if self.mode == "signal":
+                scores[row, self._later_signals] = float("-inf")
+            if self.require is not None and not self._has_request(ids):
+                scores[row, self.llm.stop_ids] = float("-inf")
+            if not torch.isfinite(scores[row]).any():  # the rules conflict with a grammar: the grammar wins
+                scores[row] = allowed
+        return scores
+
+    def _forced(self, ids: list[int]) -> int | None:
+        remaining = self.max_new_tokens - len(ids)
+        if self.mode == "signal":
+            for run in self._runs.values():  # finish a started run
+                for k in range(len(run) - 1, 0, -1):
+                    if len(ids) >= k and ids[-k:] == run[:k]:
+                        return run[k]
+            if self.require is not None and not self._has_request(ids) and remaining <= len(self._runs[self.require]):
+                return self._runs[self.require][0]
+            return None
+        opened = self._open_request(ids)
+        if opened and remaining <= 1:
+            return self._ids[REQUEST_CLOSE]
+        if self.require is not None and not opened and not self._has_request(ids) and remaining <= self.meta_reserve:
+            return self._ids[REQUEST_OPEN]
+        return None
+
+    def _open_request(self, ids: list[int]) -> bool:
+        opens = [i for i, t in enumerate(ids) if t == self._ids[REQUEST_OPEN]]
+        return bool(opens) and self._ids[REQUEST_CLOSE] not in ids[opens[-1] :]
+
+    def _has_request(self, ids: list[int]) -> bool:
+        """Whether the reply already asked for the required modality (meta: the grammar pins the modality)."""
+        if self.mode == "signal":
+            return self.require is not None and self._runs[self.require][0] in ids
+        return self._ids[REQUEST_OPEN] in ids
+
+
+def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...], require: Modality | None):
+    """xgrammar processor: free text, and schema-valid JSON between request markers. None if not installed."""
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        return None
+    from xgrammar.structural_tag import (
+        JSONSchemaFormat,
+        StructuralTag,
+        TagFormat,
+        TokenFormat,
+        TokenTriggeredTagsFormat,
+    )
+
+    open_id, close_id = llm.token_id(REQUEST_OPEN), llm.token_id(REQUEST_CLOSE)
+    excluded = [llm.token_id(t) for t in (REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END,
+                                          *llm.vocab.all_signal_tokens)]
+    schema = meta_json_schema(max_prompt_chars, media_ids, (require.value,) if require else ())
+    tag = StructuralTag(
+        format=TokenTriggeredTagsFormat(
+            trigger_tokens=[open_id],
+            tags=[TagFormat(begin=TokenFormat(token=open_id), content=JSONSchemaFormat(json_schema=json.loads(schema)),
+                            end=TokenFormat(token=close_id))],
+            exclude_tokens=excluded,
+            at_least_one=require is not None,
+        )
+    )
+    vocab_size = llm.model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+    info = xgr.TokenizerInfo.from_huggingface(llm.tokenizer, vocab_size=vocab_size)
+    compiled = _compiler(info).compile_structural_tag(tag)
+    return xgr.contrib.hf.LogitsProcessor(compiled)
+
+
+_COMPILERS: dict[int, object] = {}
+
+
+def _compiler(info):  # type: ignore[no-untyped-def]
+    import xgrammar as xgr
+
+    return _COMPILERS.setdefault(id(info), xgr.GrammarCompiler(info))
+
+
+class _TextStreamer(BaseStreamer):
+    """Decodes generated ids incrementally into a queue; holds back incomplete UTF-8 sequences."""
+
+    def __init__(self, llm: LoadedLLM):
+        self.llm, self.ids, self.sent = llm, [], 0
+        self.queue: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        new = [i for i in value.reshape(-1).tolist() if i not in self.llm.stop_ids]
+        self.ids += new
+        text = self.llm.tokenizer.decode(self.ids, skip_special_tokens=False)  # type: ignore[attr-defined]
+        if new and not text.endswith("\ufffd"):
+            self.queue.put(text[self.sent :])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class GenerationStream:
+    """Iterate to get text pieces as they are sampled; afterwards ``ids`` holds the generated token ids."""
+
+    def __init__(self, llm: LoadedLLM, embeds: torch.Tensor, processors: list, max_new_tokens: int,
+                 temperature: float, top_p: float, seed: int | None):
+        self.llm = llm
+        self.ids: list[int] = []
+        self._streamer = _TextStreamer(llm)
+        self._error: BaseException | None = None
+        kwargs = {
+            "inputs_embeds": embeds,
+            "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+            "max_new_tokens": max_new_tokens,
+            "do_sample": temperature > 0,
+            "logits_processor": processors,
+            "streamer": self._streamer,
+            "eos_token_id": llm.stop_ids,
+            "pad_token_id": llm.tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        }
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        self._kwargs, self._seed = kwargs, seed
+
+    def _run(self) -> None:
+        try:
+            if self._seed is not None:
+                torch.manual_seed(self._seed)
+            with torch.inference_mode():
+                out = self.llm.model.generate(**self._kwargs)  # type: ignore[operator]
+            self.ids = [i for i in out[0].tolist() if i not in self.llm.stop_ids
+                        and i != self.llm.tokenizer.pad_token_id]  # type: ignore[attr-defined]
+        except BaseException as err:  # surfaced in the consuming thread
+            self._error = err
+            self._streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        while (piece := self._streamer.queue.get()) is not None:
+            yield piece
+        thread.join()
+        if self._error is not None:
+            raise self._error

@@ -19,7 +19,7 @@ import torch
 from anyverse.config import AnyverseConfig, load_config
 from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor
 from anyverse.devices import resolve_device, resolve_dtype
-from anyverse.encoders import imagebind as _ib
+from anyverse.encoders.imagebind import check_encoder_weights
 from anyverse.llm import check_llm_weights
 from anyverse.media import decode_image, load_media, media_from_bytes, save_audio, save_image, save_video
 from anyverse.model import AnyverseModel, Context
@@ -54,7 +54,7 @@ class Anyverse:
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
         self.generators = GeneratorPool(config.generators, self.device, self.dtype, config.runtime.generator_memory_gb)
-        collect_missing([lambda: getattr(_ib, "check_encoder_weights", lambda c: None)(config.encoder), lambda: check_llm_weights(config.llm),
+        collect_missing([lambda: check_encoder_weights(config.encoder), lambda: check_llm_weights(config.llm),
                          self.generators.check_weights, self._check_projectors])
         specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
         self.model = AnyverseModel.from_config(config, self.device, self.dtype, specs)

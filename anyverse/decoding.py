@@ -125,19 +125,12 @@ def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[st
             at_least_one=require is not None,
         )
     )
-    vocab_size = llm.model.get_input_embeddings().num_embeddings  # type: ignore[operator]
-    info = xgr.TokenizerInfo.from_huggingface(llm.tokenizer, vocab_size=vocab_size)
-    compiled = _compiler(info).compile_structural_tag(tag)
-    return xgr.contrib.hf.LogitsProcessor(compiled)
-
-
-_COMPILERS: dict[int, object] = {}
-
-
-def _compiler(info):  # type: ignore[no-untyped-def]
-    import xgrammar as xgr
-
-    return _COMPILERS.setdefault(id(info), xgr.GrammarCompiler(info))
+    key = tag.model_dump_json()
+    if key not in llm.grammar_cache:  # compiling costs ~10 ms a turn; the processor itself is single-use
+        vocab_size = llm.model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+        info = xgr.TokenizerInfo.from_huggingface(llm.tokenizer, vocab_size=vocab_size)
+        llm.grammar_cache[key] = xgr.GrammarCompiler(info).compile_structural_tag(tag)
+    return xgr.contrib.hf.LogitsProcessor(llm.grammar_cache[key])
 
 
 class _TextStreamer(BaseStreamer):

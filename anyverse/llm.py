@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -83,6 +83,7 @@ class LoadedLLM:
     model: torch.nn.Module
     tokenizer: object
     vocab: SignalVocabulary
+    grammar_cache: dict[str, object] = field(default_factory=dict)
 
     def token_id(self, token: str) -> int:
         return int(self.tokenizer.convert_tokens_to_ids(token))  # type: ignore[attr-defined]

@@ -1,0 +1,185 @@
+"""Stable Diffusion as the image generator: a text prompt or CLIP-sized prompt embeddings in, one image out.
+
+An existing image is varied through img2img with the same weights (no second copy). Zeroscope shares this file's
+CLIP conditioning and tiny VAE, since its architecture is SD's text encoder and VAE around a 3-D UNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from anyverse.config import GeneratorConfig, TinySpec
+from anyverse.plugins import DiffusersRuntime, DiffusionOptions, GeneratedMedia, check_source, tiny_arch
+from anyverse.types import GenerationOptions, MediaRequest, Modality
+
+if TYPE_CHECKING:  # diffusers and transformers load on first use, so discovering plugins stays fast
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+
+class StableDiffusionOptions(DiffusionOptions):
+    strength: float = Field(default=0.6, gt=0.0, le=1.0, description="img2img: how far to move from the source")
+
+
+class StableDiffusionGenerator:
+    name: ClassVar[str] = "stable-diffusion"
+    modality: ClassVar[Modality] = Modality.IMAGE
+    Options: ClassVar[type[GenerationOptions]] = StableDiffusionOptions
+    accepts_source: ClassVar[frozenset[Modality]] = frozenset({Modality.IMAGE})
+
+    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
+        self._runtime = DiffusersRuntime(
+            type(self), config, device, dtype, options=StableDiffusionOptions, pipeline_class="StableDiffusionPipeline",
+            build_tiny=build_tiny, usual_weights="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        )
+        self._img2img: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._runtime.loaded
+
+    def check_weights(self) -> None:
+        self._runtime.check_weights()
+
+    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+        return clip_conditioning_spec(self._runtime)
+
+    def load(self) -> None:
+        self._runtime.load()
+
+    def unload(self) -> None:
+        self._img2img = None
+        self._runtime.unload()
+
+    def memory_bytes(self) -> int:
+        return self._runtime.memory_bytes()
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return encode_clip_prompts(self._runtime, prompts)
+
+    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
+        check_source(self, source)
+        options = self._runtime.options(request)
+        if source is None:
+            kwargs = self._runtime.call_kwargs(self, request, options, height=options.height, width=options.width)
+            images = self._runtime.pipeline()(**kwargs).images
+        else:
+            image = _resized(source.data, options.height, options.width)
+            kwargs = self._runtime.call_kwargs(self, request, options, image=image, strength=options.strength)
+            images = self._img2img_pipeline()(**kwargs).images
+        return GeneratedMedia(Modality.IMAGE, np.asarray(images[0], dtype=np.float32))
+
+    def _img2img_pipeline(self) -> Any:
+        """img2img over the loaded pipeline's own modules, built once per load."""
+        if self._img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            pipe = self._runtime.pipeline()
+            self._img2img = StableDiffusionImg2ImgPipeline(
+                **pipe.components, requires_safety_checker=pipe.config.requires_safety_checker
+            )
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+
+def _resized(image: np.ndarray, height: int | None, width: int | None) -> torch.Tensor:
+    """Source image [H,W,3] in [0,1] as a [1,3,h,w] tensor at the requested size (its own size where unset)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    size = (height or tensor.shape[2], width or tensor.shape[3])
+    if size != tuple(tensor.shape[2:]):
+        tensor = torch.nn.functional.interpolate(tensor, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return tensor.clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- shared with zeroscope
+
+
+def clip_conditioning_spec(runtime: DiffusersRuntime[Any]) -> dict[str, tuple[int, int]]:
+    """CLIP text-encoder hidden states, padded to the tokenizer's length, as the pipeline's encode_prompt makes them."""
+    length = runtime.config_int(
+        ("tokenizer/tokenizer_config.json", "model_max_length"), ("text_encoder/config.json", "max_position_embeddings")
+    )
+    width = runtime.config_int(("text_encoder/config.json", "hidden_size"))
+    return {"prompt_embeds": (length, width)}
+
+
+def encode_clip_prompts(runtime: DiffusersRuntime[Any], prompts: list[str]) -> dict[str, torch.Tensor]:
+    pipe = runtime.pipeline()
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(prompts, runtime.execution_device, 1, False)
+    return {"prompt_embeds": embeds}
+
+
+def tiny_vae(arch: dict[str, Any]) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    levels = len(arch["channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(arch["channels"]),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=arch["groups"],
+        sample_size=arch["size"],
+    )
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+# ---------------------------------------------------------------- tiny
+
+
+TINY_ARCH: dict[str, Any] = {
+    "size": 32,  # pixels
+    "channels": [32, 64],  # UNet and VAE widths; the VAE downsamples by 2 ** (levels - 1)
+    "groups": 32,
+    "text_hidden": 32,
+    "text_layers": 2,
+    "text_heads": 4,
+    "max_length": 16,  # tokens; the real CLIP has 77
+}
+
+
+def build_tiny(directory: Path, spec: TinySpec) -> None:
+    """A real StableDiffusionPipeline with tiny random weights, saved as safetensors."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from ._tiny_text import clip_text_encoder, clip_tokenizer
+
+    arch = tiny_arch(StableDiffusionGenerator.name, TINY_ARCH, spec)
+    levels = len(arch["channels"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        tokenizer = clip_tokenizer(arch["max_length"])
+        text_encoder = clip_text_encoder(tokenizer, arch["text_hidden"], arch["text_layers"], arch["text_heads"])
+        unet = UNet2DConditionModel(
+            sample_size=arch["size"] // 2 ** (levels - 1),
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+            block_out_channels=tuple(arch["channels"]),
+            layers_per_block=1,
+            norm_num_groups=arch["groups"],
+            cross_attention_dim=arch["text_hidden"],
+            attention_head_dim=8,
+        )
+        pipe: Any = StableDiffusionPipeline(
+            vae=tiny_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.save_pretrained(directory, safe_serialization=True)

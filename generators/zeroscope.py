@@ -1,0 +1,107 @@
+"""Zeroscope (ModelScope text-to-video architecture) as the video generator: a prompt or CLIP-sized prompt
+embeddings in, frames out. Conditioning and the tiny VAE come from the Stable Diffusion plugin, which it extends
+with a 3-D UNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from anyverse.config import GeneratorConfig, TinySpec
+from anyverse.plugins import DiffusersRuntime, DiffusionOptions, GeneratedMedia, check_source, tiny_arch
+from anyverse.types import GenerationOptions, MediaRequest, Modality
+
+from . import stable_diffusion as sd
+
+
+class ZeroscopeOptions(DiffusionOptions):
+    fps: int = Field(default=8, ge=1, le=120, description="playback rate; with `seconds`, also sets the frame count")
+
+
+class ZeroscopeGenerator:
+    name: ClassVar[str] = "zeroscope"
+    modality: ClassVar[Modality] = Modality.VIDEO
+    Options: ClassVar[type[GenerationOptions]] = ZeroscopeOptions
+    accepts_source: ClassVar[frozenset[Modality]] = frozenset()
+
+    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
+        self._runtime = DiffusersRuntime(
+            type(self), config, device, dtype, options=ZeroscopeOptions, pipeline_class="TextToVideoSDPipeline",
+            build_tiny=build_tiny, usual_weights="cerspense/zeroscope_v2_576w",
+        )
+
+    @property
+    def loaded(self) -> bool:
+        return self._runtime.loaded
+
+    def check_weights(self) -> None:
+        self._runtime.check_weights()
+
+    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+        return sd.clip_conditioning_spec(self._runtime)
+
+    def load(self) -> None:
+        self._runtime.load()
+
+    def unload(self) -> None:
+        self._runtime.unload()
+
+    def memory_bytes(self) -> int:
+        return self._runtime.memory_bytes()
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return sd.encode_clip_prompts(self._runtime, prompts)
+
+    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
+        check_source(self, source)
+        options = self._runtime.options(request)
+        frames = self._frame_count(request, options.fps)
+        kwargs = self._runtime.call_kwargs(
+            self, request, options, height=options.height, width=options.width, num_frames=frames
+        )
+        video = self._runtime.pipeline()(**kwargs).frames[0]  # batch-indexed since diffusers 0.26
+        return GeneratedMedia(Modality.VIDEO, np.asarray(video, dtype=np.float32), fps=options.fps)
+
+    def _frame_count(self, request: MediaRequest, fps: int) -> int | None:
+        """The request before the config; within each, ``frames`` before ``seconds`` at ``fps``."""
+        for source in (request.options, self._runtime.defaults):
+            if source.frames is not None:
+                return source.frames
+            if source.seconds is not None:
+                return max(1, round(source.seconds * fps))
+        return None
+
+
+def build_tiny(directory: Path, spec: TinySpec) -> None:
+    """A real TextToVideoSDPipeline with tiny random weights, saved as safetensors."""
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    from ._tiny_text import clip_text_encoder, clip_tokenizer
+
+    arch = tiny_arch(ZeroscopeGenerator.name, sd.TINY_ARCH, spec)
+    levels = len(arch["channels"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        tokenizer = clip_tokenizer(arch["max_length"])
+        text_encoder = clip_text_encoder(tokenizer, arch["text_hidden"], arch["text_layers"], arch["text_heads"])
+        unet = UNet3DConditionModel(
+            sample_size=arch["size"] // 2 ** (levels - 1),
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock3D",) * (levels - 1) + ("DownBlock3D",),
+            up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (levels - 1),
+            block_out_channels=tuple(arch["channels"]),
+            layers_per_block=1,
+            norm_num_groups=arch["groups"],
+            cross_attention_dim=arch["text_hidden"],
+            attention_head_dim=8,
+        )
+        pipe: Any = TextToVideoSDPipeline(
+            vae=sd.tiny_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=sd.tiny_scheduler(),
+        )
+    pipe.save_pretrained(directory, safe_serialization=True)

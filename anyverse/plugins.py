@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -253,8 +254,10 @@ class DiffusersRuntime(Generic[DiffusionOptionsT]):
         if self.pipe is not None:
             return
         start = time.perf_counter()
-        cls = getattr(importlib.import_module("diffusers"), self._pipeline_class)
-        pipe = cls.from_pretrained(self.directory(), dtype=self.dtype)
+        diffusers = importlib.import_module("diffusers")
+        if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):  # diffusers has no env knob of its own; honour HF's
+            diffusers.utils.logging.disable_progress_bar()
+        pipe = getattr(diffusers, self._pipeline_class).from_pretrained(self.directory(), dtype=self.dtype)
         if self.config.offload and self.device.type == "cuda":
             pipe.enable_model_cpu_offload(device=self.device)
         else:

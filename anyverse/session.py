@@ -126,7 +126,11 @@ class Anyverse:
 
     def stream(self, text: str, attachments: Sequence[Attachment] = (), *, require: Modality | None = None,
                seed: int | None = None) -> Iterator[Event]:
-        """Run one turn, yielding text deltas live, then requests and produced media. Timings in ``last_timings``."""
+        """Run one turn, yielding text deltas live, then requests and produced media.
+
+        At the end the typed result is in ``last_result`` and ``turn.json`` (inputs, resolved config, outputs) is
+        written to ``output_dir``.
+        """
         started = time.perf_counter()
         timings: dict[str, float] = {}
         user = self.user_message(text, attachments)
@@ -139,7 +143,9 @@ class Anyverse:
         reply: list[str] = []
         requests: list[MediaRequest] = []
         generated: list[int] = []
+        decoded: list[Event] = []
         for event in self._decode(embeds, require, seed, generated):
+            decoded.append(event)
             if isinstance(event, TextDelta):
                 reply.append(event.text)
             elif isinstance(event, MediaRequested):
@@ -151,21 +157,29 @@ class Anyverse:
                                                   strict=False):
                 request.conditioning = conditioning
 
-        produced: list[Media] = []
+        produced: list[MediaProduced] = []
+        notices = [e.message for e in decoded if isinstance(e, Notice)]
         tick = time.perf_counter()
         for index, request in enumerate(requests[: self.config.output.max_requests]):
             if request.options.seed is None and seed is not None:
                 request.options = request.options.model_copy(update={"seed": seed + index})
             event = self._produce(request)
             if isinstance(event, MediaProduced):
-                produced.append(event.media)
+                produced.append(event)
+            else:
+                notices.append(event.message)
             yield event
         if len(requests) > self.config.output.max_requests:
-            yield Notice(message=f"only the first {self.config.output.max_requests} media requests were honoured")
+            dropped = Notice(message=f"only the first {self.config.output.max_requests} media requests were honoured")
+            notices.append(dropped.message)
+            yield dropped
         timings["generate"] = time.perf_counter() - tick
-        self.history += [user, Message(role="assistant", text="".join(reply).strip(), media=produced)]
+        text = "".join(reply).strip()
+        self.history += [user, Message(role="assistant", text=text, media=[p.media for p in produced])]
         timings["total"] = time.perf_counter() - started
-        self.last_timings = timings
+        self.last_result = TurnResult(text=text, media=produced, notices=notices, timings=timings,
+                                      output_dir=self.output_dir)
+        self._write_manifest(self.last_result, user.media)
 
     def _decode(self, embeds: torch.Tensor, require: Modality | None, seed: int | None,
                 generated: list[int]) -> Iterator[Event]:
@@ -249,18 +263,10 @@ class Anyverse:
 
     def turn(self, text: str, attachments: Sequence[Attachment] = (), *, require: Modality | None = None,
              seed: int | None = None) -> TurnResult:
-        """Run one turn to completion and write ``turn.json`` (inputs, resolved config, outputs) to output_dir."""
-        first_new = len(self.history)
-        events = list(self.stream(text, attachments, require=require, seed=seed))
-        result = TurnResult(
-            text="".join(e.text for e in events if isinstance(e, TextDelta)).strip(),
-            media=[e for e in events if isinstance(e, MediaProduced)],
-            notices=[e.message for e in events if isinstance(e, Notice)],
-            timings=self.last_timings,
-            output_dir=self.output_dir,
-        )
-        self._write_manifest(result, self.history[first_new].media)
-        return result
+        """Run one turn to completion (see ``stream``) and return its typed result."""
+        for _ in self.stream(text, attachments, require=require, seed=seed):
+            pass
+        return self.last_result
 
     def _write_manifest(self, result: TurnResult, inputs: list[Media]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

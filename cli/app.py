@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -236,5 +237,9 @@ def convert_imagebind(
 
 
 def main() -> None:
+    # Quiet by default: the CLI owns the terminal (progress bars and library chatter go unless asked for).
+    for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "DIFFUSERS_VERBOSITY": "error"}.items():
+        os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

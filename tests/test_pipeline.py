@@ -179,3 +179,12 @@ def test_cli_debug_prompt_shows_media_slots(inputs: dict[str, Path]) -> None:
     slot = report["media"][0]
     assert slot["id"] == "aud_1" and report["tokens"][slot["start"]] == MEDIA_TOKEN
     assert "aud_1 <|media_start|>" in report["text"]
+
+
+def test_cli_run_streams_text_and_writes_the_manifest(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", "draw", "--require", "video", "--seed", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "turn.json").read_text())
+    video = Path(manifest["result"]["media"][0]["media"]["path"])
+    assert f"[{manifest['result']['media'][0]['media']['id']}] video: {video}" in result.stdout
+    check_file(video, Modality.VIDEO)

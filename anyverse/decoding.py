@@ -42,7 +42,7 @@ class RequestConstraints(LogitsProcessor):
         self._ids = {n: self.llm.token_id(n) for n in names}
         self._runs = {m: [self._ids[t] for t in self.llm.vocab.signal_tokens(m)] for m in self.llm.vocab.counts}
         ours = set(self._ids.values())
-        tokenizer_specials = self.llm.tokenizer.all_special_ids  # type: ignore[attr-defined]
+        tokenizer_specials = self.llm.tokenizer.all_special_ids
         # placeholders, and template/bos/pad tokens: never part of a reply (the stop tokens are)
         self._never = [self._ids[n] for n in (MEDIA_START, MEDIA_TOKEN, MEDIA_END)] + [
             i for i in tokenizer_specials if i not in ours and i not in self.llm.stop_ids]
@@ -113,7 +113,7 @@ def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[st
     )
 
     open_id, close_id = llm.token_id(REQUEST_OPEN), llm.token_id(REQUEST_CLOSE)
-    excluded = [llm.token_id(t) for t in (REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END,
+    excluded: list[int | str] = [llm.token_id(t) for t in (REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END,
                                           *llm.vocab.all_signal_tokens)]
     schema = meta_json_schema(max_prompt_chars, media_ids, (require.value,) if require else ())
     tag = StructuralTag(
@@ -127,7 +127,7 @@ def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[st
     )
     key = tag.model_dump_json()
     if key not in llm.grammar_cache:  # compiling costs ~10 ms a turn; the processor itself is single-use
-        vocab_size = llm.model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+        vocab_size = llm.model.get_input_embeddings().num_embeddings
         info = xgr.TokenizerInfo.from_huggingface(llm.tokenizer, vocab_size=vocab_size)
         llm.grammar_cache[key] = xgr.GrammarCompiler(info).compile_structural_tag(tag)
     return xgr.contrib.hf.LogitsProcessor(llm.grammar_cache[key])
@@ -137,13 +137,14 @@ class _TextStreamer(BaseStreamer):
     """Decodes generated ids incrementally into a queue; holds back incomplete UTF-8 sequences."""
 
     def __init__(self, llm: LoadedLLM):
-        self.llm, self.ids, self.sent = llm, [], 0
+        self.llm, self.sent = llm, 0
+        self.ids: list[int] = []
         self.queue: queue.Queue[str | None] = queue.Queue()
 
     def put(self, value: torch.Tensor) -> None:
         new = [i for i in value.reshape(-1).tolist() if i not in self.llm.stop_ids]
         self.ids += new
-        text = self.llm.tokenizer.decode(self.ids, skip_special_tokens=False)  # type: ignore[attr-defined]
+        text = self.llm.tokenizer.decode(self.ids, skip_special_tokens=False)
         if new and not text.endswith("\ufffd"):
             self.queue.put(text[self.sent :])
             self.sent = len(text)
@@ -169,7 +170,7 @@ class GenerationStream:
             "logits_processor": processors,
             "streamer": self._streamer,
             "eos_token_id": llm.stop_ids,
-            "pad_token_id": llm.tokenizer.pad_token_id,  # type: ignore[attr-defined]
+            "pad_token_id": llm.tokenizer.pad_token_id,
         }
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
@@ -180,9 +181,9 @@ class GenerationStream:
             if self._seed is not None:
                 torch.manual_seed(self._seed)
             with torch.inference_mode():
-                out = self.llm.model.generate(**self._kwargs)  # type: ignore[operator]
+                out = self.llm.model.generate(**self._kwargs)
             self.ids = [i for i in out[0].tolist() if i not in self.llm.stop_ids
-                        and i != self.llm.tokenizer.pad_token_id]  # type: ignore[attr-defined]
+                        and i != self.llm.tokenizer.pad_token_id]
         except BaseException as err:  # surfaced in the consuming thread
             self._error = err
             self._streamer.end()

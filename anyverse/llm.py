@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,21 +81,21 @@ def build_tiny_llm(directory: Path, spec: TinySpec) -> None:
 class LoadedLLM:
     """The causal LM (possibly a peft model), its tokenizer, and the ids of anyverse's special tokens."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: Any  # a transformers PreTrainedModel, or a peft PeftModel around one
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
     vocab: SignalVocabulary
-    grammar_cache: dict[str, object] = field(default_factory=dict)
+    grammar_cache: dict[str, Any] = field(default_factory=dict)
 
     def token_id(self, token: str) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(token))  # type: ignore[attr-defined]
+        return int(self.tokenizer.convert_tokens_to_ids(token))
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)  # type: ignore[union-attr]
+        return int(self.model.config.hidden_size)
 
     @property
     def stop_ids(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id  # type: ignore[attr-defined]
+        eos = self.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos)
 
     def neutralize(self, text: str) -> str:
@@ -103,19 +104,19 @@ class LoadedLLM:
         A zero-width space after the first character keeps the text readable but stops the tokenizer from
         matching it as a special token, so a user cannot trigger generation or fake a turn boundary.
         """
-        specials = sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True)  # type: ignore[attr-defined]
+        specials = sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True)
         pattern = re.compile("|".join(re.escape(s) for s in specials if len(s) > 1))
         return pattern.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
 
     def input_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids)  # type: ignore[operator]
+        return self.model.get_input_embeddings()(ids)
 
 
 def llm_dir(config: LLMConfig) -> Path:
     return component_dir(
         "llm",
         config,
-        build=lambda d: build_tiny_llm(d, config.tiny),  # type: ignore[arg-type]
+        build=lambda d: build_tiny_llm(d, config.tiny or TinySpec()),
         how_to_get=f"Run `huggingface-cli download {config.path}` on a machine with internet (then copy the HF "
         "cache), or set llm.path to a local directory holding the model and its tokenizer.",
     )
@@ -146,7 +147,7 @@ def load_llm(config: LLMConfig, vocab: SignalVocabulary, device: torch.device, d
     )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     adapter = adapter_dir(config)

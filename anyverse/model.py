@@ -115,8 +115,8 @@ class AnyverseModel(nn.Module):
             parts = [*blocks, neutral(message.text)] if message.role == "user" else [neutral(message.text), *blocks]
             chat.append({"role": message.role, "content": "\n".join(p for p in parts if p)})
         tokenizer = self.llm.tokenizer
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
-        ids = tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
         media_id = self.llm.token_id(MEDIA_TOKEN)
         positions = [i for i, t in enumerate(ids) if t == media_id]
         slots, cursor = [], 0
@@ -142,7 +142,7 @@ class AnyverseModel(nn.Module):
 
     def embed(self, context: Context) -> torch.Tensor:
         """[1, L, llm_dim] input embeddings with soft tokens spliced into the placeholder slots."""
-        device = self.llm.model.get_input_embeddings().weight.device  # type: ignore[operator, union-attr]
+        device = self.llm.model.get_input_embeddings().weight.device
         embeds = self.llm.input_embeddings(torch.tensor([context.ids], device=device))
         if context.slots:
             soft = self.soft_tokens([m for m, _, _ in context.slots])
@@ -174,7 +174,7 @@ class AnyverseModel(nn.Module):
         ids = torch.tensor([generated], device=prompt_embeds.device)
         reply_embeds = self.llm.input_embeddings(ids)
         with torch.inference_mode():
-            out = self.llm.model(inputs_embeds=torch.cat([prompt_embeds, reply_embeds], 1),  # type: ignore[operator]
+            out = self.llm.model(inputs_embeds=torch.cat([prompt_embeds, reply_embeds], 1),
                                  output_hidden_states=True)
         hidden = out.hidden_states[-1][0, prompt_embeds.shape[1] :] + reply_embeds[0]
         result: list[tuple[Modality, dict[str, torch.Tensor] | None]] = []

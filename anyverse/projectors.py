@@ -6,6 +6,8 @@ Every width comes from the loaded encoder, LLM or generator spec; none is a cons
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -64,7 +66,7 @@ class OutputProjector(nn.Module):
         d = cfg.d_model
         self.spec = dict(spec)
         self.inp = nn.Linear(llm_dim, d)
-        layer_args = {"dropout": 0.0, "batch_first": True, "norm_first": True}
+        layer_args: dict[str, Any] = {"dropout": 0.0, "batch_first": True, "norm_first": True}
         self.encoder = (
             nn.TransformerEncoder(
                 nn.TransformerEncoderLayer(d, cfg.heads, cfg.feedforward, **layer_args),

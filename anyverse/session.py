@@ -166,7 +166,7 @@ class Anyverse:
             event = self._produce(request)
             if isinstance(event, MediaProduced):
                 produced.append(event)
-            else:
+            elif isinstance(event, Notice):
                 notices.append(event.message)
             yield event
         if len(requests) > self.config.output.max_requests:
@@ -202,10 +202,10 @@ class Anyverse:
         malformed = False
         for piece in stream:
             for event in parser.feed(piece):
-                malformed |= isinstance(event, Notice) and event.message.startswith("malformed")
+                malformed = malformed or _is_malformed(event)
                 yield event
         for event in parser.close():
-            malformed |= isinstance(event, Notice) and "inside a media request" in event.message
+            malformed = malformed or _is_malformed(event)
             yield event
         generated += stream.ids
         if malformed and grammar is None and out.mode == "meta":
@@ -215,7 +215,7 @@ class Anyverse:
         """Tokens a longest meta-response needs, so a required request is started while it still fits."""
         longest = json.dumps({"modality": "image", "prompt": "x" * self.config.output.max_prompt_chars,
                               "source": "img_1000"})
-        return len(self.model.llm.tokenizer(longest, add_special_tokens=False).input_ids) + 4  # type: ignore[operator]
+        return len(self.model.llm.tokenizer(longest, add_special_tokens=False).input_ids) + 4
 
     def _retry_request(self, embeds: torch.Tensor, generated: list[int], seed: int | None) -> Iterator[Event]:
         """Re-sample only the body of a malformed request (no grammar backend), up to ``output.retries`` times."""
@@ -236,7 +236,7 @@ class Anyverse:
                 return
         yield Notice(message=f"the media request stayed malformed after {out.retries} retries; no media made")
 
-    def _produce(self, request: MediaRequest) -> Event:
+    def _produce(self, request: MediaRequest) -> MediaProduced | Notice:
         """Generate and save one item; failures become notices so finished work is never lost."""
         tick = time.perf_counter()
         try:
@@ -276,6 +276,12 @@ class Anyverse:
             "config": self.config.model_dump(mode="json"),
         }
         (self.output_dir / "turn.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _is_malformed(event: Event) -> bool:
+    """A meta-response that was started but could not be used (worth a bounded re-sample)."""
+    return isinstance(event, Notice) and (event.message.startswith("malformed") or "inside a media request"
+                                          in event.message)
 
 
 def save_generated(result: GeneratedMedia, output_dir: Path) -> Media:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anyverse.config import AnyverseConfig, load_config
+from anyverse.config import AnyverseConfig, anyverse_home, load_config
 from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor
 from anyverse.devices import resolve_device, resolve_dtype
 from anyverse.encoders.imagebind import check_encoder_weights
@@ -77,15 +77,11 @@ class Anyverse:
 
     # ---- inputs ---------------------------------------------------------------------------------------------
 
-    def add_media(self, source: Attachment, modality: Modality | None = None) -> Media:
-        """Validate a file, bytes or Media and give it a conversation id (``img_1``...)."""
+    def load(self, source: str | Path | bytes, modality: Modality | None = None) -> Media:
+        """Validate a file or bytes into a Media (``modality`` marks depth/thermal images). A turn gives it an id."""
         if isinstance(source, bytes):
-            media = media_from_bytes(source, "upload", self.config.caps, self.output_dir / "inputs", modality)
-        elif isinstance(source, Media):
-            media = source
-        else:
-            media = load_media(source, self.config.caps, modality)
-        return self._register(media)
+            return media_from_bytes(source, "upload", self.config.caps, anyverse_home() / "uploads", modality)
+        return load_media(source, self.config.caps, modality)
 
     def _register(self, media: Media) -> Media:
         label = media.modality.label
@@ -102,13 +98,8 @@ class Anyverse:
                              "(caps.max_text_chars)")
         if len(attachments) > caps.max_attachments:
             raise ValueError(f"{len(attachments)} attachments exceed the cap of {caps.max_attachments}")
-        loaded = [a if isinstance(a, Media) else self._load(a) for a in attachments]  # all validated first
+        loaded = [a if isinstance(a, Media) else self.load(a) for a in attachments]  # all validated first
         return Message(role="user", text=text, media=[self._register(m) for m in loaded])
-
-    def _load(self, source: str | Path | bytes) -> Media:
-        if isinstance(source, bytes):
-            return media_from_bytes(source, "upload", self.config.caps, self.output_dir / "inputs")
-        return load_media(source, self.config.caps)
 
     # ---- a turn ---------------------------------------------------------------------------------------------
 

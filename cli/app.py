@@ -22,7 +22,8 @@ app.add_typer(convert_app, name="convert")
 
 Profile = Annotated[str, typer.Option("--profile", "-p", help="profile name (tiny, default) or a YAML config file")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
-Attach = Annotated[list[Path] | None, typer.Option("--attach", "-a", help="media file (repeatable)")]
+Attach = Annotated[list[str] | None, typer.Option(
+    "--attach", "-a", help="media file (repeatable); prefix depth: or thermal: for those image kinds")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
 Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
 Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
@@ -58,6 +59,20 @@ def _session(profile: str, overrides: list[str], out: Path):
     from anyverse.session import Anyverse
 
     return Anyverse.from_profile(profile, overrides, output_dir=out)
+
+
+def _attachments(session, specs: list[str] | None) -> list:  # type: ignore[no-untyped-def]
+    """``PATH`` or ``depth:PATH`` / ``thermal:PATH``, validated before the turn starts."""
+    from anyverse.types import Modality
+
+    loaded = []
+    for spec in specs or []:
+        kind, sep, path = spec.partition(":")
+        if sep and kind in (Modality.DEPTH.value, Modality.THERMAL.value):
+            loaded.append(session.load(path, Modality(kind)))
+        else:
+            loaded.append(session.load(spec))
+    return loaded
 
 
 def _modality(name: str | None):
@@ -103,11 +118,12 @@ def run(
 ) -> None:
     """One turn: text and media in, text and media out (media and turn.json go to --out)."""
     session = _session(profile, _overrides(overrides, device, dtype, mode), out)
+    media = _attachments(session, attach)
     if as_json:
-        result = session.turn(prompt, list(attach or []), require=_modality(require), seed=seed)
+        result = session.turn(prompt, media, require=_modality(require), seed=seed)
         typer.echo(result.model_dump_json())
         return
-    _print_events(session.stream(prompt, list(attach or []), require=_modality(require), seed=seed), False)
+    _print_events(session.stream(prompt, media, require=_modality(require), seed=seed), False)
 
 
 @app.command()
@@ -125,18 +141,18 @@ def chat(
     from anyverse.media import MediaError
 
     session = _session(profile, _overrides(overrides, device, dtype, mode), out)
-    pending: list[Path] = []
+    pending: list[str] = []
     for line in sys.stdin:
         text = line.strip()
         if text == "/quit":
             break
         if text.startswith("/attach "):
-            pending.append(Path(text.removeprefix("/attach ").strip()))
+            pending.append(text.removeprefix("/attach ").strip())
             continue
         if not text:
             continue
         try:
-            _print_events(session.stream(text, pending, seed=seed), False)
+            _print_events(session.stream(text, _attachments(session, pending), seed=seed), False)
         except (MediaError, ValueError) as err:
             typer.echo(f"anyverse: error: {err}", err=True)
         pending = []
@@ -210,7 +226,7 @@ def debug_prompt(
 ) -> None:
     """Show the assembled context: tokens, and where each media item's soft tokens go."""
     session = _session(profile, _overrides(overrides, device, dtype, mode), Path("anyverse-out"))
-    context = session.context([session.user_message(text, list(attach or []))])
+    context = session.context([session.user_message(text, _attachments(session, attach))])
     tokenizer = session.model.llm.tokenizer
     report = {
         "text": context.text,

@@ -188,3 +188,21 @@ def test_cli_run_streams_text_and_writes_the_manifest(tmp_path: Path) -> None:
     video = Path(manifest["result"]["media"][0]["media"]["path"])
     assert f"[{manifest['result']['media'][0]['media']['id']}] video: {video}" in result.stdout
     check_file(video, Modality.VIDEO)
+
+
+def test_depth_and_thermal_attachments_reach_the_llm(tmp_path: Path) -> None:
+    depth = tmp_path / "depth.png"
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).save(depth)
+    result = runner.invoke(app, ["debug", "prompt", "what shape?", "--attach", f"depth:{depth}",
+                                 "--attach", f"thermal:{depth}", "--json"])
+    assert result.exit_code == 0, result.output
+    media = json.loads(result.stdout)["media"]
+    assert [(m["id"], m["modality"]) for m in media] == [("dep_1", "depth"), ("thm_1", "thermal")]
+
+
+def test_loaded_media_get_one_id_per_turn(tmp_path: Path, inputs: dict[str, Path]) -> None:
+    session = Anyverse.from_profile("tiny", output_dir=tmp_path)
+    item = session.load(inputs["image"])
+    assert item.id is None
+    session.turn("look", [item], seed=0)
+    assert [m.id for m in session.history[-2].media] == ["img_1"] and list(session.media) == ["img_1"]

@@ -2,7 +2,8 @@
 
 Built-in generators are found exactly like third-party ones: through the ``anyverse.generators`` entry-point group
 (see pyproject.toml). ``register_generator`` adds classes programmatically (tests, notebooks). ``DiffusersRuntime``
-holds what the diffusers-backed built-ins share; they use it by composition, and third-party plugins may too.
+holds what the diffusers-backed built-ins share; they use it by composition through the ``DiffusersGenerator`` base,
+and third-party plugins may too.
 """
 
 from __future__ import annotations
@@ -333,6 +334,30 @@ class DiffusersRuntime(Generic[DiffusionOptionsT]):
         else:
             raise ValueError(f"{self.plugin}: the request has neither a prompt nor conditioning tensors")
         return {name: value for name, value in kwargs.items() if value is not None}
+
+
+class DiffusersGenerator(Generator, Generic[DiffusionOptionsT]):
+    """Base for generators built on a ``DiffusersRuntime``: their ``__init__`` sets ``_runtime``, this delegates the
+    lifecycle methods to it, and they add ``conditioning_spec``, ``encode_prompts`` and ``generate``."""
+
+    accepts_source: ClassVar[frozenset[Modality]] = frozenset()
+    _runtime: DiffusersRuntime[DiffusionOptionsT]
+
+    @property
+    def loaded(self) -> bool:
+        return self._runtime.loaded
+
+    def check_weights(self) -> None:
+        self._runtime.check_weights()
+
+    def load(self) -> None:
+        self._runtime.load()
+
+    def unload(self) -> None:
+        self._runtime.unload()
+
+    def memory_bytes(self) -> int:
+        return self._runtime.memory_bytes()
 
 
 def _rng(seed: int | None, plugin: str) -> torch.Generator:

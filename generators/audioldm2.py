@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from anyverse.config import GeneratorConfig, TinySpec
-from anyverse.plugins import DiffusersRuntime, DiffusionOptions, GeneratedMedia, check_source, tiny_arch
+from anyverse.plugins import (
+    DiffusersGenerator,
+    DiffusersRuntime,
+    DiffusionOptions,
+    GeneratedMedia,
+    check_source,
+    tiny_arch,
+)
 from anyverse.types import GenerationOptions, MediaRequest, Modality
 
 T5_LENGTH = (("tokenizer_2/tokenizer_config.json", "model_max_length"), ("text_encoder_2/config.json", "n_positions"))
@@ -24,24 +31,16 @@ class AudioLDM2Options(DiffusionOptions):
     pass
 
 
-class AudioLDM2Generator:
+class AudioLDM2Generator(DiffusersGenerator[AudioLDM2Options]):
     name: ClassVar[str] = "audioldm2"
     modality: ClassVar[Modality] = Modality.AUDIO
     Options: ClassVar[type[GenerationOptions]] = AudioLDM2Options
-    accepts_source: ClassVar[frozenset[Modality]] = frozenset()
 
     def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
         self._runtime = DiffusersRuntime(
             type(self), config, device, dtype, options=AudioLDM2Options, pipeline_class="AudioLDM2Pipeline",
             build_tiny=build_tiny, usual_weights="cvssp/audioldm2",
         )
-
-    @property
-    def loaded(self) -> bool:
-        return self._runtime.loaded
-
-    def check_weights(self) -> None:
-        self._runtime.check_weights()
 
     def conditioning_spec(self) -> dict[str, tuple[int, int]]:
         """T5 states padded to the T5 tokenizer's length, and the GPT-2 states (one per generated step)."""
@@ -53,15 +52,6 @@ class AudioLDM2Generator:
                 rt.config_int(("language_model/config.json", "n_embd")),
             ),
         }
-
-    def load(self) -> None:
-        self._runtime.load()
-
-    def unload(self) -> None:
-        self._runtime.unload()
-
-    def memory_bytes(self) -> int:
-        return self._runtime.memory_bytes()
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own encoding. Its T5 states are only as long as the longest prompt, so they are zero-padded

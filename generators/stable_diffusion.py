@@ -14,7 +14,14 @@ import torch
 from pydantic import Field
 
 from anyverse.config import GeneratorConfig, TinySpec
-from anyverse.plugins import DiffusersRuntime, DiffusionOptions, GeneratedMedia, check_source, tiny_arch
+from anyverse.plugins import (
+    DiffusersGenerator,
+    DiffusersRuntime,
+    DiffusionOptions,
+    GeneratedMedia,
+    check_source,
+    tiny_arch,
+)
 from anyverse.types import GenerationOptions, MediaRequest, Modality
 
 if TYPE_CHECKING:  # diffusers and transformers load on first use, so discovering plugins stays fast
@@ -25,7 +32,7 @@ class StableDiffusionOptions(DiffusionOptions):
     strength: float = Field(default=0.6, gt=0.0, le=1.0, description="img2img: how far to move from the source")
 
 
-class StableDiffusionGenerator:
+class StableDiffusionGenerator(DiffusersGenerator[StableDiffusionOptions]):
     name: ClassVar[str] = "stable-diffusion"
     modality: ClassVar[Modality] = Modality.IMAGE
     Options: ClassVar[type[GenerationOptions]] = StableDiffusionOptions
@@ -38,25 +45,12 @@ class StableDiffusionGenerator:
         )
         self._img2img: Any = None
 
-    @property
-    def loaded(self) -> bool:
-        return self._runtime.loaded
-
-    def check_weights(self) -> None:
-        self._runtime.check_weights()
-
     def conditioning_spec(self) -> dict[str, tuple[int, int]]:
         return clip_conditioning_spec(self._runtime)
 
-    def load(self) -> None:
-        self._runtime.load()
-
     def unload(self) -> None:
         self._img2img = None
-        self._runtime.unload()
-
-    def memory_bytes(self) -> int:
-        return self._runtime.memory_bytes()
+        super().unload()
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return encode_clip_prompts(self._runtime, prompts)
@@ -131,6 +125,20 @@ def tiny_vae(arch: dict[str, Any]) -> AutoencoderKL:
     )
 
 
+def tiny_unet_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
+    """The tiny UNet sizes SD's 2-D and Zeroscope's 3-D UNets share; each adds its own block types."""
+    return {
+        "sample_size": arch["size"] // 2 ** (len(arch["channels"]) - 1),
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": tuple(arch["channels"]),
+        "layers_per_block": 1,
+        "norm_num_groups": arch["groups"],
+        "cross_attention_dim": arch["text_hidden"],
+        "attention_head_dim": 8,
+    }
+
+
 def tiny_scheduler() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
@@ -167,16 +175,9 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
         tokenizer = clip_tokenizer(arch["max_length"])
         text_encoder = clip_text_encoder(tokenizer, arch["text_hidden"], arch["text_layers"], arch["text_heads"])
         unet = UNet2DConditionModel(
-            sample_size=arch["size"] // 2 ** (levels - 1),
-            in_channels=4,
-            out_channels=4,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-            block_out_channels=tuple(arch["channels"]),
-            layers_per_block=1,
-            norm_num_groups=arch["groups"],
-            cross_attention_dim=arch["text_hidden"],
-            attention_head_dim=8,
+            **tiny_unet_kwargs(arch),
         )
         pipe: Any = StableDiffusionPipeline(
             vae=tiny_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),

@@ -12,7 +12,14 @@ import torch
 from pydantic import Field
 
 from anyverse.config import GeneratorConfig, TinySpec
-from anyverse.plugins import DiffusersRuntime, DiffusionOptions, GeneratedMedia, check_source, tiny_arch
+from anyverse.plugins import (
+    DiffusersGenerator,
+    DiffusersRuntime,
+    DiffusionOptions,
+    GeneratedMedia,
+    check_source,
+    tiny_arch,
+)
 from anyverse.types import GenerationOptions, MediaRequest, Modality
 
 from . import stable_diffusion as sd
@@ -22,11 +29,10 @@ class ZeroscopeOptions(DiffusionOptions):
     fps: int = Field(default=8, ge=1, le=120, description="playback rate; with `seconds`, also sets the frame count")
 
 
-class ZeroscopeGenerator:
+class ZeroscopeGenerator(DiffusersGenerator[ZeroscopeOptions]):
     name: ClassVar[str] = "zeroscope"
     modality: ClassVar[Modality] = Modality.VIDEO
     Options: ClassVar[type[GenerationOptions]] = ZeroscopeOptions
-    accepts_source: ClassVar[frozenset[Modality]] = frozenset()
 
     def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
         self._runtime = DiffusersRuntime(
@@ -34,24 +40,8 @@ class ZeroscopeGenerator:
             build_tiny=build_tiny, usual_weights="cerspense/zeroscope_v2_576w",
         )
 
-    @property
-    def loaded(self) -> bool:
-        return self._runtime.loaded
-
-    def check_weights(self) -> None:
-        self._runtime.check_weights()
-
     def conditioning_spec(self) -> dict[str, tuple[int, int]]:
         return sd.clip_conditioning_spec(self._runtime)
-
-    def load(self) -> None:
-        self._runtime.load()
-
-    def unload(self) -> None:
-        self._runtime.unload()
-
-    def memory_bytes(self) -> int:
-        return self._runtime.memory_bytes()
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return sd.encode_clip_prompts(self._runtime, prompts)
@@ -89,16 +79,9 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
         tokenizer = clip_tokenizer(arch["max_length"])
         text_encoder = clip_text_encoder(tokenizer, arch["text_hidden"], arch["text_layers"], arch["text_heads"])
         unet = UNet3DConditionModel(
-            sample_size=arch["size"] // 2 ** (levels - 1),
-            in_channels=4,
-            out_channels=4,
             down_block_types=("CrossAttnDownBlock3D",) * (levels - 1) + ("DownBlock3D",),
             up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (levels - 1),
-            block_out_channels=tuple(arch["channels"]),
-            layers_per_block=1,
-            norm_num_groups=arch["groups"],
-            cross_attention_dim=arch["text_hidden"],
-            attention_head_dim=8,
+            **sd.tiny_unet_kwargs(arch),
         )
         pipe: Any = TextToVideoSDPipeline(
             vae=sd.tiny_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -131,18 +131,13 @@ class Anyverse:
         timings["encode"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        reply: list[str] = []
-        requests: list[MediaRequest] = []
         generated: list[int] = []
         decoded: list[Event] = []
         for event in self._decode(embeds, require, seed, generated):
             decoded.append(event)
-            if isinstance(event, TextDelta):
-                reply.append(event.text)
-            elif isinstance(event, MediaRequested):
-                requests.append(event.request)
             yield event
         timings["llm"] = time.perf_counter() - tick
+        requests = [e.request for e in decoded if isinstance(e, MediaRequested)]
         if self.config.output.mode == "signal":
             for request, (_, conditioning) in zip(requests, self.model.signal_conditioning(embeds, generated),
                                                   strict=False):
@@ -165,7 +160,7 @@ class Anyverse:
             notices.append(dropped.message)
             yield dropped
         timings["generate"] = time.perf_counter() - tick
-        text = "".join(reply).strip()
+        text = "".join(e.text for e in decoded if isinstance(e, TextDelta)).strip()
         self.history += [user, Message(role="assistant", text=text, media=[p.media for p in produced])]
         timings["total"] = time.perf_counter() - started
         self.last_result = TurnResult(text=text, media=produced, notices=notices, timings=timings,

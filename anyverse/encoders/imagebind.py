@@ -235,8 +235,12 @@ def convert_checkpoint(src: Path, dst: Path, arch: ImageBindArch | None = None) 
     return dst
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a (possibly multi-GB) file, memoised in a sidecar keyed by size and mtime."""
+def _weights_digest(path: Path, state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the tensors (names, dtypes, shapes, bytes), memoised beside the file by size and mtime.
+
+    Hashing contents rather than file bytes keeps the id (and the embedding cache) stable across re-serialisations
+    of the same weights, e.g. a converted checkpoint; the memo means a multi-GB file is hashed once.
+    """
     stat = path.stat()
     sidecar = path.with_name(path.name + ".sha256.json")
     key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -246,8 +250,12 @@ def _file_digest(path: Path) -> str:
             return str(memo["sha256"])
     except (OSError, ValueError):
         pass
-    with path.open("rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    hasher = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        hasher.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = hasher.hexdigest()
     try:
         sidecar.write_text(json.dumps({**key, "sha256": digest}))
     except OSError:  # read-only weights directory: hash again next time
@@ -324,7 +332,8 @@ class ImageBindEncoder:
         _check_state_dict(state, model, weights)
         model.load_state_dict(state, strict=True, assign=True)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        digest = hashlib.sha256(raw + _file_digest(weights).encode() + PREPROCESS_VERSION.encode()).hexdigest()
+        content = _weights_digest(weights, state)
+        digest = hashlib.sha256(raw + content.encode() + PREPROCESS_VERSION.encode()).hexdigest()
         encoder_id = f"imagebind-{digest[:16]}"
         cache = EmbeddingCache(cache_dir, encoder_id) if cache_dir is not None else None
         log.info("ImageBind encoder %s from %s on %s/%s", encoder_id, directory, device, dtype)

@@ -206,3 +206,12 @@ def test_loaded_media_get_one_id_per_turn(tmp_path: Path, inputs: dict[str, Path
     assert item.id is None
     session.turn("look", [item], seed=0)
     assert [m.id for m in session.history[-2].media] == ["img_1"] and list(session.media) == ["img_1"]
+
+
+def test_cli_chat_survives_a_bad_attachment(tmp_path: Path, inputs: dict[str, Path]) -> None:
+    script = f"/attach {inputs['image']}\nwhat is this?\n/attach {tmp_path / 'missing.png'}\nand this?\nbye\n/quit\n"
+    result = runner.invoke(app, ["chat", "--seed", "0", "--out", str(tmp_path)], input=script)
+    assert result.exit_code == 0, result.output
+    assert "missing.png" in result.stderr and "Traceback" not in result.output  # a bad file ends only that turn
+    manifest = json.loads((tmp_path / "turn.json").read_text())
+    assert manifest["inputs"] == []  # the last turn ("bye") had no attachments

@@ -8,6 +8,7 @@ ranges; long audio and video are read by seeking to the sampled clips, never dec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -344,6 +345,7 @@ def media_from_bytes(
     sniffed = sniff(data[:_HEAD_BYTES])
     if sniffed is None:
         raise _error(original_name, "not a supported image, audio or video file")
+
     def write(tmp: str) -> None:
         Path(tmp).write_bytes(data)
 
@@ -532,6 +534,16 @@ def save_image(image: np.ndarray | Image.Image, out_dir: Path) -> Media:
     return _save(_I, "png", out_dir, lambda tmp: im.save(tmp, format="PNG"))
 
 
+@functools.cache
+def _x264_options() -> dict[str, object]:
+    """Cap x264 at AVX2 on CPUs that report AVX-512 (so AVX2 is surely there); leave other CPUs alone."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    return {"x264-params": "asm=AVX2"} if re.search(r"\bavx512f\b", flags) else {}
+
+
 def save_video(frames: np.ndarray, fps: int, out_dir: Path) -> Media:
     """H.264 (yuv420p) MP4 of float [F, H, W, 3] in [0, 1] or uint8 frames; odd sizes are edge-padded to even."""
     arr = _to_uint8(frames)
@@ -544,7 +556,10 @@ def save_video(frames: np.ndarray, fps: int, out_dir: Path) -> Media:
             with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as container:
                 stream = container.add_stream("libx264", rate=int(fps))
                 stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
-                stream.codec_context.thread_count = 1  # auto threads gave different bytes under CPU load
+                # Same frames must give the same bytes (hash names). Under CPU load on an AVX-512 KVM host, x264's
+                # AVX-512 code and auto threading occasionally encoded identical frames differently.
+                stream.codec_context.thread_count = 1
+                stream.options = _x264_options()
                 for frame in arr:
                     container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
                 container.mux(stream.encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,13 @@ class LoadedLLM:
         A zero-width space after the first character keeps the text readable but stops the tokenizer from
         matching it as a special token, so a user cannot trigger generation or fake a turn boundary.
         """
+        return self._specials_pattern.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
+
+    @cached_property
+    def _specials_pattern(self) -> re.Pattern[str]:
+        """Longest first, so ``<|media_start|>`` is not split at ``<|media|>``-like prefixes."""
         specials = sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True)
-        pattern = re.compile("|".join(re.escape(s) for s in specials if len(s) > 1))
-        return pattern.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
+        return re.compile("|".join(re.escape(s) for s in specials if len(s) > 1))
 
     def input_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,6 @@ class Anyverse:
         out = self.config.output
         llm_cfg = self.config.llm
         parser = StreamParser(self.model.llm.vocab, out.mode, out.max_prompt_chars)
-        reserve = self._meta_reserve()
         processors: list = []
         grammar = None
         if out.mode == "meta" and out.constrained != "none":
@@ -182,21 +182,18 @@ class Anyverse:
                 raise ValueError("output.constrained=xgrammar but xgrammar is not installed")
             if grammar is not None:
                 processors.append(grammar)
-        processors.append(RequestConstraints(self.model.llm, out.mode, llm_cfg.max_new_tokens, require, reserve))
+        processors.append(RequestConstraints(self.model.llm, out.mode, llm_cfg.max_new_tokens, require,
+                                             self._meta_reserve))
         stream = GenerationStream(self.model.llm, embeds, processors, llm_cfg.max_new_tokens,
                                   llm_cfg.temperature, llm_cfg.top_p, seed)
-        malformed = False
         for piece in stream:
-            for event in parser.feed(piece):
-                malformed = malformed or _is_malformed(event)
-                yield event
-        for event in parser.close():
-            malformed = malformed or _is_malformed(event)
-            yield event
+            yield from parser.feed(piece)
+        yield from parser.close()
         generated += stream.ids
-        if malformed and grammar is None and out.mode == "meta":
+        if parser.failed_requests and grammar is None and out.mode == "meta":
             yield from self._retry_request(embeds, stream.ids, seed)
 
+    @cached_property
     def _meta_reserve(self) -> int:
         """Tokens a longest meta-response needs, so a required request is started while it still fits."""
         longest = json.dumps({"modality": "image", "prompt": "x" * self.config.output.max_prompt_chars,
@@ -210,7 +207,7 @@ class Anyverse:
         start = max(i for i, t in enumerate(generated) if t == open_id) + 1
         prefix = torch.cat([embeds, llm.input_embeddings(torch.tensor([generated[:start]], device=embeds.device))], 1)
         for attempt in range(out.retries):
-            budget = self._meta_reserve()
+            budget = self._meta_reserve
             constraints = RequestConstraints(llm, "meta", budget)
             parser = StreamParser(llm.vocab, "meta", out.max_prompt_chars)
             stream = GenerationStream(llm, prefix, [constraints], budget, self.config.llm.temperature,
@@ -262,12 +259,6 @@ class Anyverse:
             "config": self.config.model_dump(mode="json"),
         }
         (self.output_dir / "turn.json").write_text(json.dumps(manifest, indent=2))
-
-
-def _is_malformed(event: Event) -> bool:
-    """A meta-response that was started but could not be used (worth a bounded re-sample)."""
-    return isinstance(event, Notice) and (event.message.startswith("malformed") or "inside a media request"
-                                          in event.message)
 
 
 def save_generated(result: GeneratedMedia, output_dir: Path) -> Media:

@@ -130,6 +130,7 @@ class StreamParser:
         self._in_request = False
         self._signal: tuple[Modality, int] | None = None  # (modality, tokens seen) of the run being read
         self._requests = 0
+        self.failed_requests = 0  # started meta-responses that were malformed or never finished
         self._specials = [REQUEST_OPEN, REQUEST_CLOSE, *vocab.all_signal_tokens]
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True)))
         self._longest_special = max(len(s) for s in self._specials)
@@ -154,6 +155,7 @@ class StreamParser:
         """End of stream: flush text, report what was left unfinished."""
         events: list[Event] = []
         if self._in_request:
+            self.failed_requests += 1
             events.append(Notice(message="the reply ended inside a media request; it was ignored"))
             self._in_request, self._body = False, ""
         events += self._end_signal_run()
@@ -199,6 +201,7 @@ class StreamParser:
         try:
             request = validate_meta(body, self.max_prompt_chars)
         except ValueError as err:
+            self.failed_requests += 1
             return [Notice(message=f"malformed media request ignored ({err})")]
         return [self._emit(request)]
 

@@ -104,3 +104,12 @@ def test_vocabulary_is_derived_from_counts() -> None:
     assert VOCAB.signal_tokens(Modality.VIDEO) == ["[VID0]", "[VID1]", "[VID2]"]
     assert VOCAB.parse_signal("[AUD2]") is None and VOCAB.parse_signal("[AUD1]") == (Modality.AUDIO, 1)
     assert len(set(VOCAB.special_tokens)) == len(VOCAB.special_tokens) == 5 + 4 + 3 + 2
+
+
+def test_parser_counts_failed_requests_for_the_retry_decision() -> None:
+    parser = StreamParser(VOCAB, "meta", max_prompt_chars=40)
+    parser.feed(f'{REQUEST_OPEN}{{"modality": "image", "prompt": "ok"}}{REQUEST_CLOSE}')
+    assert parser.failed_requests == 0
+    parser.feed(f"{REQUEST_OPEN}{{broken}}{REQUEST_CLOSE} {REQUEST_OPEN}{{\"modality\"")
+    parser.close()
+    assert parser.failed_requests == 2

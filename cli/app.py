@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import typer
+from anyverse.cli.data import data_app
+from anyverse.cli.errors import fail_cleanly
+from anyverse.cli.eval import eval_app
 
 app = typer.Typer(help="Any-to-any multimodal assistant: chat in text, image, audio and video.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -19,6 +20,8 @@ debug_app = typer.Typer(help="Inspect the parser and the assembled prompt.", no_
 convert_app = typer.Typer(help="Convert official checkpoints to safetensors.", no_args_is_help=True)
 app.add_typer(debug_app, name="debug")
 app.add_typer(convert_app, name="convert")
+app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 
 Profile = Annotated[str, typer.Option("--profile", "-p", help="profile name (tiny, default) or a YAML config file")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
@@ -30,24 +33,6 @@ Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for m
 Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turn.json")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
 Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
-
-
-def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Known user-facing errors print one line (plus the list of missing weights) and exit 2, no traceback."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from anyverse.config import ConfigError
-        from anyverse.media import MediaError
-        from anyverse.weights import MissingWeightsError
-
-        try:
-            return command(*args, **kwargs)
-        except (MediaError, ConfigError, MissingWeightsError, ValueError, FileNotFoundError) as err:
-            typer.echo(f"anyverse: error: {err}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _overrides(overrides: list[str] | None, device: str | None, dtype: str | None, mode: str | None) -> list[str]:
@@ -102,7 +87,7 @@ def _print_events(events, as_json: bool) -> None:  # type: ignore[no-untyped-def
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def run(
     prompt: Annotated[str, typer.Argument(help="what to say")],
     attach: Attach = None,
@@ -127,7 +112,7 @@ def run(
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def chat(
     profile: Profile = "tiny",
     overrides: Overrides = None,
@@ -159,7 +144,7 @@ def chat(
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def generate(
     modality: Annotated[str, typer.Argument(help="image, video or audio")],
     prompt: Annotated[str, typer.Argument(help="what to generate")],
@@ -190,7 +175,7 @@ def generate(
 
 
 @debug_app.command("parse")
-@_fail_cleanly
+@fail_cleanly
 def debug_parse(
     mode: Annotated[str, typer.Option(help="meta or signal")] = "meta",
     profile: Profile = "tiny",
@@ -213,7 +198,7 @@ def debug_parse(
 
 
 @debug_app.command("prompt")
-@_fail_cleanly
+@fail_cleanly
 def debug_prompt(
     text: Annotated[str, typer.Argument(help="the user message")],
     attach: Attach = None,
@@ -239,7 +224,7 @@ def debug_prompt(
 
 
 @convert_app.command("imagebind")
-@_fail_cleanly
+@fail_cleanly
 def convert_imagebind(
     src: Annotated[Path, typer.Argument(help="official imagebind_huge.pth")],
     dst: Annotated[Path, typer.Argument(help="output directory (config.json + model.safetensors)")],

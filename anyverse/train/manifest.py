@@ -1,0 +1,132 @@
+"""JSONL manifest formats for media-caption pairs and dialogs, and a reader that skips bad lines with a count.
+
+One JSON object per line. Paths are relative to the manifest's own directory (or absolute). A line that does not
+parse, does not validate, or names a missing file is skipped and counted; a run never dies on one bad line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from anyverse.signals import MEDIA_ID_PATTERN
+from anyverse.types import Modality
+
+log = logging.getLogger(__name__)
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PairRecord(Record):
+    """One line of a pairs manifest: a media file and its caption (encoder and decoder alignment)."""
+
+    media: str = Field(description="file path, relative to the manifest's directory")
+    modality: Modality
+    caption: str = Field(min_length=1)
+    attributes: dict[str, str] = Field(default_factory=dict, description="e.g. toy-world shape/colour/position")
+
+
+class MediaRef(Record):
+    id: str = Field(pattern=MEDIA_ID_PATTERN, description="how the dialog text refers to it, e.g. img_1")
+    media: str = Field(description="file path, relative to the manifest's directory")
+    modality: Modality
+
+
+class RequestRecord(Record):
+    """Media the assistant asks for: rendered as a meta-response or as a description plus signal tokens."""
+
+    modality: Literal[Modality.IMAGE, Modality.VIDEO, Modality.AUDIO]
+    prompt: str = Field(min_length=1)
+    source: str | None = Field(default=None, pattern=MEDIA_ID_PATTERN)
+
+
+class TurnRecord(Record):
+    role: Literal["user", "assistant"]
+    text: str = ""
+    media: list[MediaRef] = Field(default_factory=list, description="user turns: attached media")
+    requests: list[RequestRecord] = Field(default_factory=list, description="assistant turns: media to make")
+
+
+class DialogRecord(Record):
+    """One line of a dialogs manifest (instruction tuning): alternating user/assistant turns."""
+
+    messages: list[TurnRecord] = Field(min_length=2)
+    attributes: dict[str, str] = Field(default_factory=dict, description="e.g. toy-world intent")
+
+
+R = TypeVar("R", PairRecord, DialogRecord)
+
+
+@dataclass
+class SkipReport:
+    """Why lines were skipped, counted by reason; ``summary()`` is the one line a run logs."""
+
+    source: Path
+    kept: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, line_no: int, detail: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, f"line {line_no}: {detail}")
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.source}: {self.kept} records"
+        reasons = "; ".join(f"{n} {reason} (first: {self.examples[reason]})" for reason, n in self.skipped.items())
+        return f"{self.source}: {self.kept} records, skipped {sum(self.skipped.values())}: {reasons}"
+
+
+def resolve(manifest: Path, path: str) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else manifest.parent / candidate
+
+
+def _media_paths(record: PairRecord | DialogRecord) -> list[str]:
+    if isinstance(record, PairRecord):
+        return [record.media]
+    return [ref.media for turn in record.messages for ref in turn.media]
+
+
+def read_manifest(path: Path, kind: type[R], report: SkipReport | None = None) -> Iterator[R]:
+    """Yield valid records of ``kind`` whose media files exist; count the rest in ``report``."""
+    report = report if report is not None else SkipReport(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found")
+    with path.open(encoding="utf-8") as lines:
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = kind.model_validate(json.loads(line))
+            except json.JSONDecodeError as err:
+                report.skip("not JSON", line_no, str(err))
+                continue
+            except ValidationError as err:
+                report.skip("invalid record", line_no, str(err.errors()[0]["msg"]))
+                continue
+            missing = [p for p in _media_paths(record) if not resolve(path, p).is_file()]
+            if missing:
+                report.skip("missing file", line_no, missing[0])
+                continue
+            report.kept += 1
+            yield record
+
+
+def write_manifest(path: Path, records: list[PairRecord] | list[DialogRecord]) -> None:
+    """Write records as JSONL (atomically: a temp file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for record in records:
+            out.write(record.model_dump_json(exclude_defaults=True) + "\n")
+    tmp.replace(path)

@@ -6,6 +6,8 @@ The tiny profile builds a small Llama and a byte-level BPE tokenizer from config
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -85,6 +87,7 @@ class LoadedLLM:
     model: Any  # a transformers PreTrainedModel, or a peft PeftModel around one
     tokenizer: Any  # a transformers PreTrainedTokenizerBase
     vocab: SignalVocabulary
+    base_id: str = ""  # identity of the base weights, recorded in checkpoints (see ``base_fingerprint``)
     grammar_cache: dict[str, Any] = field(default_factory=dict)
 
     def token_id(self, token: str) -> int:
@@ -139,8 +142,22 @@ def check_llm_weights(config: LLMConfig) -> None:
     adapter_dir(config)
 
 
+def base_fingerprint(model: Any) -> str:
+    """A cheap identity of base weights: the architecture config plus the first embedding rows (bf16-rounded, so
+    loading in fp32 or bf16 gives the same id). Different base models differ here with near certainty."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "vocab_size")}
+    rows = model.get_input_embeddings().weight[:256].detach().to("cpu", torch.bfloat16).view(torch.int16)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(rows.numpy().tobytes())
+    return f"llm-{digest.hexdigest()[:16]}"
+
+
 def load_llm(config: LLMConfig, vocab: SignalVocabulary, device: torch.device, dtype: torch.dtype) -> LoadedLLM:
-    """Load tokenizer + model, add the special tokens (new rows start at the mean embedding), load LoRA if set."""
+    """Load tokenizer + base model and add the special tokens (new rows start at the mean embedding).
+
+    ``config.adapter`` is not applied here: callers check a checkpoint's base first, then :func:`load_adapter`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = llm_dir(config)
@@ -153,28 +170,40 @@ def load_llm(config: LLMConfig, vocab: SignalVocabulary, device: torch.device, d
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    base_id = base_fingerprint(model)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    adapter = adapter_dir(config)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
     model.to(device).eval().requires_grad_(False)
-    return LoadedLLM(model=model, tokenizer=tokenizer, vocab=vocab)
+    return LoadedLLM(model=model, tokenizer=tokenizer, vocab=vocab, base_id=base_id)
+
+
+def load_adapter(llm: LoadedLLM, config: LLMConfig) -> LoadedLLM:
+    """Apply ``config.adapter`` (a peft LoRA directory), if set, for inference."""
+    adapter = adapter_dir(config)
+    if adapter is None:
+        return llm
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(llm.model, adapter).eval().requires_grad_(False)
+    return LoadedLLM(model=model, tokenizer=llm.tokenizer, vocab=llm.vocab, base_id=llm.base_id)
 
 
 def attach_lora(llm: LoadedLLM, spec: LoraConfigSpec) -> LoadedLLM:
-    """Wrap the LM with fresh trainable LoRA weights; the added special tokens' embedding rows train too."""
+    """Wrap the LM with fresh trainable LoRA weights; the added special tokens' rows (input embedding and output
+    head) train too, since mean-initialised rows cannot tell ``[IMG0]`` from ``[VID0]``."""
     from peft import LoraConfig, get_peft_model
 
     new_ids = [llm.token_id(t) for t in llm.vocab.special_tokens]
+    rows = {"embed_tokens": new_ids}
+    if not llm.model.config.tie_word_embeddings:
+        rows["lm_head"] = new_ids
     lora = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=spec.target_modules,
-        trainable_token_indices={"embed_tokens": new_ids},
+        trainable_token_indices=rows,
         task_type="CAUSAL_LM",
     )
-    return LoadedLLM(model=get_peft_model(llm.model, lora), tokenizer=llm.tokenizer, vocab=llm.vocab)
+    return LoadedLLM(model=get_peft_model(llm.model, lora), tokenizer=llm.tokenizer, vocab=llm.vocab,
+                     base_id=llm.base_id)

@@ -7,10 +7,12 @@ embeddings are replaced by the projector's soft tokens, so the model can read th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -18,7 +20,7 @@ from torch import nn
 
 from anyverse.config import AnyverseConfig, anyverse_home
 from anyverse.encoders.imagebind import ImageBindEncoder
-from anyverse.llm import LoadedLLM, load_llm
+from anyverse.llm import LoadedLLM, load_adapter, load_llm
 from anyverse.projectors import OutputProjector, build_input_projector
 from anyverse.signals import MEDIA_END, MEDIA_START, MEDIA_TOKEN, REQUEST_CLOSE, REQUEST_OPEN, SignalVocabulary
 from anyverse.types import Media, Message, Modality
@@ -37,9 +39,9 @@ class Context:
     text: str
 
 
-def system_prompt(config: AnyverseConfig, vocab: SignalVocabulary) -> str:
+def system_prompt(config: AnyverseConfig, vocab: SignalVocabulary, mode: str | None = None) -> str:
     """The versioned system prompt from ``prompts/<version>/system_<mode>.md`` with this config's values."""
-    name = f"{config.llm.system_prompt}/system_{config.output.mode}.md"
+    name = f"{config.llm.system_prompt}/system_{mode or config.output.mode}.md"
     source = resources.files("anyverse.prompts") / name
     if not source.is_file():
         raise ValueError(f"prompts/{name}: no such system prompt (llm.system_prompt={config.llm.system_prompt!r})")
@@ -50,6 +52,12 @@ def system_prompt(config: AnyverseConfig, vocab: SignalVocabulary) -> str:
     return Template(source.read_text()).safe_substitute(values).strip()
 
 
+def fingerprint(encoder: ImageBindEncoder, llm: LoadedLLM) -> dict[str, Any]:
+    """What a checkpoint's trained parts depend on: the exact base encoder and LLM, vocabulary and signal tokens."""
+    return {"encoder": encoder.id, "llm": llm.base_id, "llm_hidden_size": llm.hidden_size,
+            "vocab_size": len(llm.tokenizer), "signal_tokens": {m.value: n for m, n in llm.vocab.counts.items()}}
+
+
 class AnyverseModel(nn.Module):
     """The trainable/inferable core. Generators are not part of it: they live in a lazy pool."""
 
@@ -58,15 +66,26 @@ class AnyverseModel(nn.Module):
         super().__init__()
         self.config, self.encoder, self.llm = config, encoder, llm
         self.input_projectors, self.output_projectors = input_projectors, output_projectors
-        self.system_prompt = system_prompt(config, llm.vocab)
+        self.system_prompts = {mode: system_prompt(config, llm.vocab, mode) for mode in ("meta", "signal")}
+        self.system_prompt = self.system_prompts[config.output.mode]
 
     @classmethod
     def from_config(cls, config: AnyverseConfig, device: torch.device, dtype: torch.dtype,
-                    conditioning_specs: dict[Modality, dict[str, tuple[int, int]]]) -> AnyverseModel:
-        """Load encoder and LLM, build projectors (from ``projector_weights`` when set)."""
+                    conditioning_specs: dict[Modality, dict[str, tuple[int, int]]],
+                    check_base: Callable[[dict[str, Any]], None] | None = None,
+                    output_projectors: bool | None = None) -> AnyverseModel:
+        """Load encoder and LLM, build projectors (from ``projector_weights`` when set).
+
+        ``check_base`` sees :meth:`base_fingerprint` before any adapter or projector is applied, so a checkpoint
+        meant for another base fails with a named mismatch instead of a shape error. Output projectors are built
+        in signal mode (or when ``output_projectors`` says so, for training both modes).
+        """
         vocab = SignalVocabulary(config.output.signal_tokens)
         encoder = ImageBindEncoder.from_config(config.encoder, device, dtype, cache_dir=anyverse_home() / "embeddings")
         llm = load_llm(config.llm, vocab, device, dtype)
+        if check_base is not None:
+            check_base(fingerprint(encoder, llm))
+        llm = load_adapter(llm, config.llm)
         torch.manual_seed(0)  # untrained projectors are reproducible
         inputs = nn.ModuleDict({
             m.value: build_input_projector(config.input_projector(m), encoder.embed_dim, encoder.token_dim(m),
@@ -75,7 +94,8 @@ class AnyverseModel(nn.Module):
         })
         outputs = nn.ModuleDict({
             m.value: OutputProjector(llm.hidden_size, spec, config.output_projector)
-            for m, spec in conditioning_specs.items() if config.output.mode == "signal"
+            for m, spec in conditioning_specs.items()
+            if (config.output.mode == "signal" if output_projectors is None else output_projectors)
         })
         model = cls(config, encoder, llm, inputs, outputs)
         if config.projector_weights:
@@ -86,9 +106,17 @@ class AnyverseModel(nn.Module):
         return {f"input.{k}": v for k, v in self.input_projectors.state_dict().items()} | {
             f"output.{k}": v for k, v in self.output_projectors.state_dict().items()}
 
+    def base_fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.encoder, self.llm)
+
     def load_projectors(self, path: Path) -> None:
-        """Load trained projectors; a shape or key mismatch names the offending tensors."""
+        """Load trained projectors; a shape or key mismatch names the offending tensors.
+
+        Output projectors in the file are skipped when this model has none (meta mode does not use them).
+        """
         state = load_file(path)
+        if not self.output_projectors:
+            state = {k: v for k, v in state.items() if not k.startswith("output.")}
         mine = self.projector_state()
         missing = sorted(set(mine) - set(state))
         unexpected = sorted(set(state) - set(mine))
@@ -103,10 +131,13 @@ class AnyverseModel(nn.Module):
     def num_soft_tokens(self, modality: Modality) -> int:
         return self.config.input_projector(modality).num_tokens
 
-    def render(self, history: list[Message]) -> Context:
-        """Chat-template the conversation (system prompt first) and locate every media item's soft-token slots."""
+    def render(self, history: list[Message], mode: str | None = None) -> Context:
+        """Chat-template the conversation (system prompt first) and locate every media item's soft-token slots.
+
+        ``mode`` picks the output mode's system prompt (default: the config's); training renders both.
+        """
         neutral = self.llm.neutralize
-        chat = [{"role": "system", "content": self.system_prompt}]
+        chat = [{"role": "system", "content": self.system_prompts[mode or self.config.output.mode]}]
         ordered: list[Media] = []
         for message in history:
             blocks = [f"{m.id} {MEDIA_START}{MEDIA_TOKEN * self.num_soft_tokens(m.modality)}{MEDIA_END}"

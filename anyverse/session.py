@@ -10,13 +10,15 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from anyverse.checkpoint import check_base, checkpoint_config, find_checkpoint
 from anyverse.config import AnyverseConfig, anyverse_home, load_config
 from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor
 from anyverse.devices import resolve_device, resolve_dtype
@@ -48,7 +50,8 @@ Attachment = str | Path | bytes | Media
 class Anyverse:
     """The any-to-any assistant. Generators load lazily, on the first request for their modality."""
 
-    def __init__(self, config: AnyverseConfig, output_dir: str | Path = "anyverse-out"):
+    def __init__(self, config: AnyverseConfig, output_dir: str | Path = "anyverse-out",
+                 check_base: Callable[[dict[str, Any]], None] | None = None):
         self.config = config
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
@@ -58,7 +61,7 @@ class Anyverse:
         collect_missing([lambda: check_encoder_weights(config.encoder), lambda: check_llm_weights(config.llm),
                          self.generators.check_weights, self._check_projectors])
         specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
-        self.model = AnyverseModel.from_config(config, self.device, self.dtype, specs)
+        self.model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
         self.output_dir = Path(output_dir)
         self.history: list[Message] = []
         self.media: dict[str, Media] = {}
@@ -68,6 +71,14 @@ class Anyverse:
     def from_profile(cls, name: str = "tiny", overrides: list[str] | None = None, **kwargs) -> Anyverse:
         """``Anyverse.from_profile("tiny", ["output.mode=signal"])``; a YAML file path works too."""
         return cls(load_config(name, overrides), **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, **kwargs) -> Anyverse:
+        """Load a training checkpoint (or a run directory's newest one) onto the base it names, verified."""
+        directory = find_checkpoint(Path(path))
+        config, manifest = checkpoint_config(directory, overrides)
+        expected = manifest["base"]
+        return cls(config, check_base=lambda actual: check_base(directory, expected, actual), **kwargs)
 
     def _check_projectors(self) -> None:
         real = self.config.encoder.tiny is None or self.config.llm.tiny is None
@@ -167,6 +178,17 @@ class Anyverse:
         self.last_result = TurnResult(text=text, media=produced, notices=notices, timings=timings,
                                       output_dir=self.output_dir)
         self._write_manifest(self.last_result, user.media)
+
+    def draft(self, history: list[Message], *, require: Modality | None = None,
+              seed: int | None = None) -> tuple[str, list[MediaRequest], list[str]]:
+        """Decode a reply to ``history`` without generating media or touching the session: text, the parsed
+        requests and notices. What evaluation and dry runs need."""
+        embeds = self.model.embed(self.context(history))
+        generated: list[int] = []
+        events = list(self._decode(embeds, require, seed, generated))
+        text = "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
+        return (text, [e.request for e in events if isinstance(e, MediaRequested)],
+                [e.message for e in events if isinstance(e, Notice)])
 
     def _decode(self, embeds: torch.Tensor, require: Modality | None, seed: int | None,
                 generated: list[int]) -> Iterator[Event]:

@@ -1,0 +1,98 @@
+"""One validated schema for every training recipe; impossible combinations fail before any weight is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from anyverse.config import ConfigError, Strict, _apply_override, _read_yaml
+from anyverse.types import Modality
+from anyverse.weights import expand
+
+Stage = Literal["lm-pretrain", "encoder-pretrain", "encoder-alignment", "decoder-alignment", "instruction-tuning"]
+STAGES: tuple[Stage, ...] = ("lm-pretrain", "encoder-pretrain", "encoder-alignment", "decoder-alignment",
+                             "instruction-tuning")
+
+
+class DataConfig(Strict):
+    """Manifests: pairs for pretraining and alignment, dialogs for instruction tuning; text for lm-pretrain."""
+
+    train: Path
+    eval: Path | None = Field(default=None, description="held-out manifest for periodic eval")
+    text: Path | None = Field(default=None, description="lm-pretrain: extra plain-text corpus, one line each")
+    max_eval_items: int = Field(default=64, gt=0)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(default=1e-3, gt=0)
+    projector_lr: float | None = Field(default=None, gt=0, description="defaults to lr")
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(default=1.0, gt=0)
+
+
+class LossConfig(Strict):
+    """Decoder-side weights. ``l2`` is NExT-GPT's per-token Euclidean distance, averaged; ``cosine`` is 1 - cos."""
+
+    lm: float = Field(default=1.0, ge=0)
+    l2: float = Field(default=1.0, ge=0)
+    cosine: float = Field(default=0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    stage: Stage
+    model: str = Field(default="tiny", description="profile name, config YAML, or a checkpoint directory")
+    model_overrides: list[str] = Field(default_factory=list, description="key.path=value on the model config")
+    data: DataConfig
+    output_dir: Path
+    seed: int = 0
+    steps: int = Field(gt=0)
+    batch_size: int = Field(default=8, gt=0, description="per process")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    modalities: list[Modality] | None = Field(default=None, description="projectors to train; None: all in the data")
+    output_modes: list[Literal["meta", "signal"]] = Field(
+        default=["meta", "signal"], description="instruction tuning: render dialogs in these modes")
+    train_lora: bool = Field(default=True, description="instruction tuning: LoRA on the LLM")
+    log_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=0, ge=0, description="0: only at the end")
+    save_every: int = Field(default=0, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(default=2, gt=0)
+    lm_arch: dict[str, int] = Field(default_factory=dict, description="lm-pretrain: tiny Llama sizes")
+    encoder_arch: dict[str, int] = Field(default_factory=dict, description="encoder-pretrain: tiny ImageBind sizes")
+    temperature: float = Field(default=0.07, gt=0, description="encoder-pretrain: InfoNCE temperature")
+
+    @model_validator(mode="after")
+    def _possible(self) -> TrainConfig:
+        if self.stage == "instruction-tuning" and not self.output_modes:
+            raise ValueError("output_modes: instruction tuning needs at least one of meta, signal")
+        if self.stage == "decoder-alignment" and self.loss.l2 + self.loss.cosine == 0:
+            raise ValueError("loss: decoder alignment needs l2 or cosine > 0 (the LM loss alone trains nothing)")
+        bad = [m.value for m in self.modalities or [] if m == Modality.TEXT]
+        if bad:
+            raise ValueError("modalities: text has no projector")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_train_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training YAML and apply ``key.path=value`` overrides; paths may use ``~`` and ``${ANYVERSE_HOME}``."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: training config not found")
+    data = _read_yaml(path.read_text(), str(path))
+    for override in overrides or []:
+        _apply_override(data, override)
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    paths = {name: expand(str(value)) for name in ("train", "eval", "text")
+             if (value := getattr(config.data, name)) is not None}
+    return config.model_copy(update={"data": config.data.model_copy(update=paths),
+                                     "output_dir": expand(str(config.output_dir))})

@@ -127,7 +127,7 @@ def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[st
     )
     key = tag.model_dump_json()
     if key not in llm.grammar_cache:  # compiling costs ~10 ms a turn; the processor itself is single-use
-        vocab_size = llm.model.get_input_embeddings().num_embeddings
+        vocab_size = int(llm.model.config.vocab_size)  # the logits width, also under peft wrappers
         info = xgr.TokenizerInfo.from_huggingface(llm.tokenizer, vocab_size=vocab_size)
         llm.grammar_cache[key] = xgr.GrammarCompiler(info).compile_structural_tag(tag)
     return xgr.contrib.hf.LogitsProcessor(llm.grammar_cache[key])

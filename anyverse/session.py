@@ -51,17 +51,21 @@ class Anyverse:
     """The any-to-any assistant. Generators load lazily, on the first request for their modality."""
 
     def __init__(self, config: AnyverseConfig, output_dir: str | Path = "anyverse-out",
-                 check_base: Callable[[dict[str, Any]], None] | None = None):
+                 check_base: Callable[[dict[str, Any]], None] | None = None, model: AnyverseModel | None = None):
+        """``model`` reuses an already loaded model (evaluation during training); ``config`` still picks the
+        output mode and decoding settings."""
         self.config = config
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
         self.generators = GeneratorPool(config.generators, self.device, self.dtype, config.runtime.generator_memory_gb)
-        collect_missing([lambda: check_encoder_weights(config.encoder), lambda: check_llm_weights(config.llm),
-                         self.generators.check_weights, self._check_projectors])
-        specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
-        self.model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
+        if model is None:
+            collect_missing([lambda: check_encoder_weights(config.encoder), lambda: check_llm_weights(config.llm),
+                             self.generators.check_weights, self._check_projectors])
+            specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
+            model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
+        self.model = model
         self.output_dir = Path(output_dir)
         self.history: list[Message] = []
         self.media: dict[str, Media] = {}
@@ -119,7 +123,7 @@ class Anyverse:
         """Render ``history``, dropping the oldest turns if it would not fit the context window."""
         budget = self.config.llm.max_context_tokens - self.config.llm.max_new_tokens
         while True:
-            context = self.model.render(history)
+            context = self.model.render(history, self.config.output.mode)
             if len(context.ids) <= budget or len(history) <= 1:
                 break
             history = history[1:]

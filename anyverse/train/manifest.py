@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from anyverse.signals import MEDIA_ID_PATTERN
-from anyverse.types import Modality
+from anyverse.types import OUTPUT_MODALITIES, Modality
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,16 @@ class MediaRef(Record):
 class RequestRecord(Record):
     """Media the assistant asks for: rendered as a meta-response or as a description plus signal tokens."""
 
-    modality: Literal[Modality.IMAGE, Modality.VIDEO, Modality.AUDIO]
+    modality: Modality
     prompt: str = Field(min_length=1)
     source: str | None = Field(default=None, pattern=MEDIA_ID_PATTERN)
+
+    @field_validator("modality")
+    @classmethod
+    def _generatable(cls, modality: Modality) -> Modality:
+        if modality not in OUTPUT_MODALITIES:
+            raise ValueError(f"{modality.value} cannot be generated; use image, video or audio")
+        return modality
 
 
 class TurnRecord(Record):

@@ -1,0 +1,186 @@
+"""What the alignment and instruction-tuning recipes share: loading the model a config names, the frozen-encoder
+feature table, rendering examples into ids/labels, and embedding a padded batch with soft tokens spliced in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anyverse.checkpoint import check_base, checkpoint_config, find_checkpoint
+from anyverse.config import AnyverseConfig, load_config
+from anyverse.devices import resolve_dtype
+from anyverse.encoders.imagebind import ImageBindEncoder
+from anyverse.media import MediaError, load_media
+from anyverse.model import AnyverseModel
+from anyverse.plugins import GeneratorPool
+from anyverse.signals import REQUEST_CLOSE, REQUEST_OPEN
+from anyverse.train.config import TrainConfig
+from anyverse.train.manifest import RequestRecord
+from anyverse.types import Media, Message, Modality
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+def model_config(config: TrainConfig) -> tuple[AnyverseConfig, dict[str, Any] | None, Path | None]:
+    """The model config a training config names (profile, YAML or checkpoint) and, for a checkpoint, its base."""
+    path = Path(config.model).expanduser()
+    if path.is_dir():
+        directory = find_checkpoint(path)
+        model, manifest = checkpoint_config(directory, config.model_overrides)
+        return model, manifest["base"] or None, directory
+    return load_config(config.model, config.model_overrides), None, None
+
+
+def load_model(config: TrainConfig, device: torch.device,
+               output_projectors: bool = False) -> tuple[AnyverseModel, GeneratorPool]:
+    """The model (fp32 for training) and a generator pool for conditioning specs and target encodings."""
+    model_cfg, base, directory = model_config(config)
+    dtype = resolve_dtype("fp32", device)
+    pool = GeneratorPool(model_cfg.generators, device, dtype, model_cfg.runtime.generator_memory_gb)
+    specs = pool.conditioning_specs() if output_projectors else {}
+    check = (lambda actual: check_base(directory, base, actual)) if base and directory else None
+    model = AnyverseModel.from_config(model_cfg, device, dtype, specs, check, output_projectors=output_projectors)
+    return model, pool
+
+
+@dataclass
+class FeatureTable:
+    """Frozen-encoder outputs for every media file of a dataset, computed once (batched; resumable through the
+    on-disk embedding cache) and then served from memory every epoch: the encoder never runs again."""
+
+    media: dict[Path, Media] = field(default_factory=dict)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def build(cls, encoder: ImageBindEncoder, files: list[tuple[Path, Modality]], caps: Any) -> FeatureTable:
+        table = cls()
+        for path, modality in dict.fromkeys(files):
+            try:
+                table.media[path] = load_media(path, caps, modality if modality in (
+                    Modality.DEPTH, Modality.THERMAL) else None)
+            except MediaError as err:
+                table.skip(path, str(err))
+        by_modality: dict[Modality, list[Media]] = {}
+        for item in table.media.values():
+            by_modality.setdefault(item.modality, []).append(item)
+        for items in by_modality.values():
+            for start in range(0, len(items), encoder.batch_size):
+                table._encode(encoder, items[start : start + encoder.batch_size], caps)
+        if table.skipped:
+            log.warning("features: skipped %d files (%s)", sum(table.skipped.values()), dict(table.skipped))
+        return table
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped[reason.split(":")[-1].strip()[:80]] += 1
+        self.media.pop(path, None)
+        log.debug("skipping %s: %s", path, reason)
+
+    def _encode(self, encoder: ImageBindEncoder, batch: list[Media], caps: Any) -> None:
+        """A batch at once; if a file in it fails to decode, item by item so only that file is skipped."""
+        try:
+            out = encoder.encode(batch, caps)
+        except MediaError as err:
+            if len(batch) == 1:
+                self.skip(batch[0].path, str(err))
+            else:
+                for item in batch:
+                    self._encode(encoder, [item], caps)
+            return
+        for i, item in enumerate(batch):
+            self.pooled[item.sha256], self.tokens[item.sha256] = out.pooled[i].cpu(), out.tokens[i].cpu()
+
+    def has(self, path: Path) -> bool:
+        return path in self.media and self.media[path].sha256 in self.pooled
+
+
+@dataclass
+class Example:
+    """One training sequence: ids, labels (IGNORE outside the assistant's reply), media slots and signal runs."""
+
+    ids: list[int]
+    labels: list[int]
+    slots: list[tuple[Media, int, int]]
+    signals: list[tuple[Modality, int, str]] = field(default_factory=list)  # (modality, first position, prompt)
+
+
+def reply_text(text: str, requests: list[RequestRecord], mode: str, model: AnyverseModel) -> str:
+    """The assistant's target: meta-responses (ModaVerse) or a description plus signal tokens (NExT-GPT)."""
+    parts = [text] if text else []
+    for request in requests:
+        if mode == "meta":
+            body = request.model_dump_json(exclude_none=True)
+            parts.append(f"{REQUEST_OPEN}{_spaced(body)}{REQUEST_CLOSE}")
+        else:
+            words = "" if request.prompt in text else request.prompt
+            parts.append(words + "".join(model.llm.vocab.signal_tokens(Modality(request.modality))))
+    return "\n".join(parts)
+
+
+def _spaced(body: str) -> str:
+    """``json.dumps`` spacing (what the system prompt shows), from pydantic's compact JSON."""
+    import json
+
+    return json.dumps(json.loads(body))
+
+
+def render_example(model: AnyverseModel, history: list[Message], target: str, mode: str,
+                   requests: list[RequestRecord] | None = None) -> Example:
+    """Prompt exactly as inference renders it (generation prompt included), then the reply and end of turn."""
+    context = model.render(history, mode)
+    tokenizer = model.llm.tokenizer
+    reply = tokenizer(target, add_special_tokens=False).input_ids + model.llm.stop_ids[:1]
+    ids = context.ids + reply
+    labels = [IGNORE] * len(context.ids) + reply
+    signals = []
+    if mode == "signal":
+        runs = model.signal_runs(reply)
+        for (modality, start), request in zip(runs, requests or [], strict=False):
+            signals.append((modality, len(context.ids) + start, request.prompt))
+    return Example(ids=ids, labels=labels, slots=context.slots, signals=signals)
+
+
+def embed_batch(model: AnyverseModel, examples: list[Example],
+                features: FeatureTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded [B, L, D] embeddings with projected soft tokens in the media slots, attention mask, labels."""
+    device = model.llm.model.get_input_embeddings().weight.device
+    length = max(len(e.ids) for e in examples)
+    pad = model.llm.tokenizer.pad_token_id
+    ids = torch.tensor([e.ids + [pad] * (length - len(e.ids)) for e in examples], device=device)
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (length - len(e.ids)) for e in examples], device=device)
+    labels = torch.tensor([e.labels + [IGNORE] * (length - len(e.ids)) for e in examples], device=device)
+    embeds = model.llm.input_embeddings(ids)
+    slots = [(b, media, start, k) for b, e in enumerate(examples) for media, start, k in e.slots]
+    if slots:
+        embeds = embeds.clone()
+        for modality in {media.modality for _, media, _, _ in slots}:
+            mine = [s for s in slots if s[1].modality == modality]
+            pooled = torch.stack([features.pooled[m.sha256] for _, m, _, _ in mine]).to(device)
+            tokens = torch.stack([features.tokens[m.sha256] for _, m, _, _ in mine]).to(device)
+            projected = model.input_projectors[modality.value](pooled, tokens)
+            for (b, _, start, k), soft in zip(mine, projected, strict=True):
+                embeds[b, start : start + k] = soft
+    return embeds, mask, labels
+
+
+def conditioning_targets(pool: GeneratorPool, modality: Modality, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The generator's own text-encoder output for each prompt (decoder-side regression targets), on CPU."""
+    generator = pool.get(modality)
+    with torch.no_grad():
+        out = generator.encode_prompts(prompts)
+    spec = generator.conditioning_spec()
+    return {name: out[name].float().cpu() for name in spec}
+
+
+def l2_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """NExT-GPT's "L2": Euclidean distance per token over the feature dim, averaged (not MSE)."""
+    return (pred - target).norm(dim=-1).mean()

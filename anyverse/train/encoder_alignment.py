@@ -1,0 +1,74 @@
+"""Stage 1, encoder alignment: input projectors learn to caption media for a frozen LLM (encoder frozen too).
+
+Loss: caption cross-entropy on media-caption pairs, as NExT-GPT's encoder-side stage. Features come from the
+frozen-encoder table, so each file is decoded and encoded once for the whole run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anyverse.checkpoint import PROJECTORS
+from anyverse.train.common import Example, embed_batch, load_model, render_example
+from anyverse.train.config import TrainConfig
+from anyverse.train.evaluation import caption_accuracy, load_pairs
+from anyverse.types import Media, Message
+
+CAPTION_INSTRUCTIONS = ("what is in {id}?", "describe {id}", "write a caption for {id}")
+
+
+def caption_history(media: Media, index: int) -> list[Message]:
+    """A user turn asking for a caption of ``media`` (instruction varied by ``index``)."""
+    media = media.with_id(f"{media.modality.label}_1")
+    instruction = CAPTION_INSTRUCTIONS[index % len(CAPTION_INSTRUCTIONS)].format(id=media.id)
+    return [Message(role="user", text=instruction, media=[media])]
+
+
+class EncoderAlignment(nn.Module):
+    def __init__(self, config: TrainConfig, device: torch.device):
+        super().__init__()
+        self.config = config
+        self.model, _ = load_model(config, device)
+        self.model_config, self.base = self.model.config, self.model.base_fingerprint()
+        self.pairs, self.features = load_pairs(self.model, config.data.train, config.modalities)
+        self.modalities = sorted({m.modality for m in self.features.media.values()}, key=str)
+        for modality in self.modalities:
+            self.model.input_projectors[modality.value].requires_grad_(True)
+        self.items = [render_example(self.model, caption_history(self.features.media[path], i), record.caption,
+                                     self.model.config.output.mode)
+                      for i, (path, record) in enumerate(self.pairs)]
+
+    def train(self, mode: bool = True) -> EncoderAlignment:
+        super().train(mode)
+        self.model.llm.model.eval()  # frozen: no dropout
+        return self
+
+    def collate(self, items: list[Example]) -> list[Example]:
+        return items
+
+    def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        embeds, mask, labels = embed_batch(self.model, batch, self.features)
+        logits = self.model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return loss, {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        lr = self.config.optim.projector_lr or self.config.optim.lr
+        return [{"params": [p for p in self.model.input_projectors.parameters() if p.requires_grad], "lr": lr}]
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.config.data.eval is not None
+        pairs, features = load_pairs(self.model, self.config.data.eval, self.modalities,
+                                     limit=self.config.data.max_eval_items)
+        return caption_accuracy(self.model, pairs, features)
+
+    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str]:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.model.projector_state().items()}, str(directory / PROJECTORS))
+        return {(None, "projector_weights"): PROJECTORS}

@@ -1,0 +1,152 @@
+"""Stage 3, instruction tuning: LoRA (+ new tokens' rows) and the projectors on dialogs with media in and out.
+
+Each dialog is rendered in every configured output mode: meta-responses (ModaVerse) and a description plus signal
+tokens (NExT-GPT), each under its own system prompt, so one adapter serves both. Loss: cross-entropy on the
+assistant's reply, plus (signal mode) the decoder-side L2/cosine of the projected signal states.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anyverse.checkpoint import ADAPTER, PROJECTORS
+from anyverse.llm import attach_lora
+from anyverse.model import AnyverseModel
+from anyverse.train.common import (
+    Example,
+    FeatureTable,
+    conditioning_targets,
+    embed_batch,
+    load_model,
+    render_example,
+    reply_text,
+)
+from anyverse.train.config import TrainConfig
+from anyverse.train.decoder_alignment import SignalItem, projection_loss
+from anyverse.train.manifest import DialogRecord, SkipReport, read_manifest, resolve
+from anyverse.types import Media, Message, Modality
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dialog:
+    record: DialogRecord
+    history: list[Message]  # every turn before the last assistant reply, media resolved
+
+
+def load_dialogs(model: AnyverseModel, manifest: Path, limit: int | None = None) -> tuple[list[Dialog], FeatureTable]:
+    """Valid dialogs ending in an assistant turn whose media encoded, with the frozen-encoder features."""
+    report = SkipReport(manifest)
+    records = [r for r in read_manifest(manifest, DialogRecord, report) if r.messages[-1].role == "assistant"]
+    records = records[:: max(1, len(records) // limit)][:limit] if limit else records
+    log.info(report.summary())
+    files = [(resolve(manifest, ref.media), ref.modality) for r in records for t in r.messages for ref in t.media]
+    features = FeatureTable.build(model.encoder, files, model.config.caps)
+    dialogs = []
+    for record in records:
+        paths = [resolve(manifest, ref.media) for t in record.messages for ref in t.media]
+        if all(features.has(p) for p in paths):
+            dialogs.append(Dialog(record, _history(record, manifest, features)))
+    if not dialogs:
+        raise ValueError(f"{manifest}: no usable dialogs ({report.summary()})")
+    return dialogs, features
+
+
+def _history(record: DialogRecord, manifest: Path, features: FeatureTable) -> list[Message]:
+    def media(turn_media: list[Any]) -> list[Media]:
+        return [features.media[resolve(manifest, ref.media)].with_id(ref.id) for ref in turn_media]
+
+    return [Message(role=t.role, text=t.text, media=media(t.media)) for t in record.messages[:-1]]
+
+
+class InstructionTuning(nn.Module):
+    def __init__(self, config: TrainConfig, device: torch.device):
+        super().__init__()
+        self.config = config
+        self.model, self.pool = load_model(config, device, output_projectors="signal" in config.output_modes)
+        self.model_config, self.base = self.model.config, self.model.base_fingerprint()
+        self.dialogs, self.features = load_dialogs(self.model, config.data.train)
+        if config.train_lora:
+            self._lora()
+        in_modalities = {m.modality for m in self.features.media.values()}
+        out_modalities = {Modality(r.modality) for d in self.dialogs for r in d.record.messages[-1].requests}
+        for modality in in_modalities:
+            self.model.input_projectors[modality.value].requires_grad_(True)
+        for modality in out_modalities & {Modality(m) for m in self.model.output_projectors}:
+            self.model.output_projectors[modality.value].requires_grad_(True)
+        self.items = [self._example(d, mode) for d in self.dialogs for mode in config.output_modes]
+        wanted = {(m, p) for e in self.items for m, _, p in e.signals}
+        self.targets: dict[tuple[Modality, str], dict[str, Any]] = {}
+        for modality in {m for m, _ in wanted}:
+            prompts = sorted(p for m, p in wanted if m == modality)
+            encoded = conditioning_targets(self.pool, modality, prompts)
+            self.targets.update({(modality, p): {k: v[i] for k, v in encoded.items()} for i, p in enumerate(prompts)})
+
+    def _lora(self) -> None:
+        """Fresh LoRA on the base LLM, or keep training the adapter a checkpoint brought."""
+        from peft import PeftModel
+
+        if isinstance(self.model.llm.model, PeftModel):
+            for name, param in self.model.llm.model.named_parameters():
+                param.requires_grad_("lora_" in name or "trainable_tokens" in name)
+        else:
+            self.model.llm = attach_lora(self.model.llm, self.model.config.llm.lora)
+
+    def _example(self, dialog: Dialog, mode: str) -> Example:
+        last = dialog.record.messages[-1]
+        target = reply_text(last.text, last.requests, mode, self.model)
+        return render_example(self.model, dialog.history, target, mode, last.requests)
+
+    def train(self, mode: bool = True) -> InstructionTuning:
+        super().train(mode)
+        self.model.encoder.model.eval()
+        return self
+
+    def collate(self, items: list[Example]) -> list[Example]:
+        return items
+
+    def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        embeds, mask, labels = embed_batch(self.model, batch, self.features)
+        out = self.model.llm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        signal = [(b, m, pos, prompt) for b, e in enumerate(batch) for m, pos, prompt in e.signals]
+        if not signal:
+            return self.config.loss.lm * lm, {"lm_loss": lm.item()}
+        last = out.hidden_states[-1] + embeds
+        items = [SignalItem(m, prompt, last[b, pos : pos + self.model.llm.vocab.counts[m]])
+                 for b, m, pos, prompt in signal if m.value in self.model.output_projectors]
+        projection = projection_loss(self.model, items, self.targets, self.config.loss.l2, self.config.loss.cosine)
+        loss = self.config.loss.lm * lm + projection
+        return loss, {"lm_loss": lm.item(), "projection_loss": projection.item()}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        projectors = [p for p in [*self.model.input_projectors.parameters(), *self.model.output_projectors.parameters()]
+                      if p.requires_grad]
+        llm = [p for p in self.model.llm.model.parameters() if p.requires_grad]
+        groups = [{"params": projectors, "lr": self.config.optim.projector_lr or self.config.optim.lr}]
+        return groups + ([{"params": llm, "lr": self.config.optim.lr}] if llm else [])
+
+    def evaluate(self) -> dict[str, float]:
+        from anyverse.train.evaluation import routing_accuracy
+
+        assert self.config.data.eval is not None
+        dialogs, _ = load_dialogs(self.model, self.config.data.eval, self.config.data.max_eval_items)
+        return routing_accuracy(self.model, dialogs, self.config.output_modes)
+
+    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str]:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.model.projector_state().items()}, str(directory / PROJECTORS))
+        written: dict[tuple[str | None, str], str] = {(None, "projector_weights"): PROJECTORS}
+        if self.config.train_lora:
+            self.model.llm.model.save_pretrained(directory / ADAPTER)
+            written[("llm", "adapter")] = ADAPTER
+        return written

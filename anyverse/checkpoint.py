@@ -23,7 +23,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from anyverse.config import AnyverseConfig, ConfigError, _apply_override
+from anyverse.config import AnyverseConfig, _apply_override, validation_error
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def checkpoint_config(path: Path, overrides: list[str] | None = None) -> tuple[A
     try:
         return AnyverseConfig.model_validate(data), manifest
     except ValueError as err:
-        raise ConfigError(f"{directory / CONFIG}: {err}") from None
+        raise validation_error(str(directory / CONFIG), err) from None
 
 
 def check_base(directory: Path, expected: dict[str, Any], actual: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from anyverse.types import OUTPUT_MODALITIES, Modality
 
@@ -210,6 +210,15 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says which file or key and why."""
 
 
+def validation_error(where: str, err: ValueError) -> ConfigError:
+    """One line naming each bad key, instead of pydantic's multi-line report."""
+    if isinstance(err, ValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+                             for e in err.errors())
+        return ConfigError(f"{where}: {problems}")
+    return ConfigError(f"{where}: {err}")
+
+
 def load_config(profile_or_file: str | Path = "tiny", overrides: list[str] | None = None) -> AnyverseConfig:
     """Load a named profile or a YAML/JSON file, apply ``key.path=value`` overrides, validate."""
     path = Path(profile_or_file)
@@ -231,4 +240,4 @@ def load_config(profile_or_file: str | Path = "tiny", overrides: list[str] | Non
     try:
         return AnyverseConfig.model_validate(data)
     except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise validation_error(where, err) from None

@@ -13,6 +13,7 @@ import typer
 from anyverse.cli.data import data_app
 from anyverse.cli.errors import fail_cleanly
 from anyverse.cli.eval import eval_app
+from anyverse.cli.train import train_app
 
 app = typer.Typer(help="Any-to-any multimodal assistant: chat in text, image, audio and video.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -22,6 +23,7 @@ app.add_typer(debug_app, name="debug")
 app.add_typer(convert_app, name="convert")
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
+app.add_typer(train_app, name="train")
 
 Profile = Annotated[str, typer.Option("--profile", "-p", help="profile name (tiny, default) or a YAML config file")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]

@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from anyverse.config import ConfigError, Strict, _apply_override, _read_yaml
+from anyverse.config import ConfigError, Strict, _apply_override, _read_yaml, validation_error
 from anyverse.types import Modality
 from anyverse.weights import expand
 
@@ -91,7 +91,7 @@ def load_train_config(path: Path, overrides: list[str] | None = None) -> TrainCo
     try:
         config = TrainConfig.model_validate(data)
     except ValueError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise validation_error(str(path), err) from None
     paths = {name: expand(str(value)) for name in ("train", "eval", "text")
              if (value := getattr(config.data, name)) is not None}
     return config.model_copy(update={"data": config.data.model_copy(update=paths),

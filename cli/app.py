@@ -35,6 +35,8 @@ Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for m
 Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turn.json")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
 Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
+Checkpoint = Annotated[Path | None, typer.Option(
+    help="trained checkpoint (or run directory: its newest) to use instead of --profile")]
 
 
 def _overrides(overrides: list[str] | None, device: str | None, dtype: str | None, mode: str | None) -> list[str]:
@@ -42,9 +44,11 @@ def _overrides(overrides: list[str] | None, device: str | None, dtype: str | Non
     return [*(overrides or []), *extra, *([f"output.mode={mode}"] if mode else [])]
 
 
-def _session(profile: str, overrides: list[str], out: Path):
+def _session(profile: str, overrides: list[str], out: Path, checkpoint: Path | None = None):
     from anyverse.session import Anyverse
 
+    if checkpoint is not None:
+        return Anyverse.from_checkpoint(checkpoint, overrides, output_dir=out)
     return Anyverse.from_profile(profile, overrides, output_dir=out)
 
 
@@ -102,9 +106,10 @@ def run(
     device: Device = None,
     dtype: Dtype = None,
     mode: Mode = None,
+    checkpoint: Checkpoint = None,
 ) -> None:
     """One turn: text and media in, text and media out (media and turn.json go to --out)."""
-    session = _session(profile, _overrides(overrides, device, dtype, mode), out)
+    session = _session(profile, _overrides(overrides, device, dtype, mode), out, checkpoint)
     media = _attachments(session, attach)
     if as_json:
         result = session.turn(prompt, media, require=_modality(require), seed=seed)
@@ -123,11 +128,12 @@ def chat(
     device: Device = None,
     dtype: Dtype = None,
     mode: Mode = None,
+    checkpoint: Checkpoint = None,
 ) -> None:
     """Interactive chat. Lines are messages; '/attach PATH' adds media to the next one; '/quit' ends."""
     from anyverse.media import MediaError
 
-    session = _session(profile, _overrides(overrides, device, dtype, mode), out)
+    session = _session(profile, _overrides(overrides, device, dtype, mode), out, checkpoint)
     pending: list[str] = []
     for line in sys.stdin:
         text = line.strip()
@@ -246,3 +252,7 @@ def main() -> None:
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
+
+
+if __name__ == "__main__":  # `python -m anyverse.cli.app`, as `accelerate launch -m` runs it
+    main()

@@ -65,7 +65,7 @@ def _describe_files(directory: Path) -> dict[str, Any]:
 
 
 def write_checkpoint(directory: Path, *, stage: str, step: int, config: AnyverseConfig, train_yaml: str,
-                     base: dict[str, Any], artifacts: Callable[[Path], dict[tuple[str | None, str], str]],
+                     base: dict[str, Any], artifacts: Callable[[Path], dict[tuple[str | None, str], str | None]],
                      state: Callable[[Path], None] | None = None) -> Path:
     """Write a complete checkpoint into ``directory`` atomically (a temp dir renamed into place).
 

@@ -42,8 +42,11 @@ def _tokenizer_corpus() -> list[str]:
     return [f.read_text() for d in root.iterdir() if d.is_dir() for f in d.iterdir() if f.name.endswith(".md")]
 
 
-def build_tiny_llm(directory: Path, spec: TinySpec) -> None:
-    """A byte-level BPE tokenizer with a ChatML template and a small random Llama, written as safetensors."""
+def build_tiny_llm(directory: Path, spec: TinySpec, corpus: list[str] | None = None) -> None:
+    """A byte-level BPE tokenizer with a ChatML template and a small random Llama, written as safetensors.
+
+    ``corpus`` adds text the tokenizer learns merges from (a dataset's language, for pretraining on it).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -56,7 +59,7 @@ def build_tiny_llm(directory: Path, spec: TinySpec) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_tokenizer_corpus(), trainer)
+    backend.train_from_iterator([*_tokenizer_corpus(), *(corpus or [])], trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<s>",

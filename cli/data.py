@@ -29,3 +29,19 @@ def toyworld(
     for split, per_intent in summary.counts["dialogs"].items():
         typer.echo(f"  dialogs {split}: {sum(per_intent.values())} ("
                    + ", ".join(f"{count} {intent}" for intent, count in per_intent.items()) + ")")
+
+
+@data_app.command("convert")
+@fail_cleanly
+def convert(
+    fmt: Annotated[str, typer.Argument(help="cc3m (or LAION-style TSV/CSV/parquet), webvid, audiocaps, nextgpt-t2m, "
+                                            "mosit")],
+    source: Annotated[Path, typer.Argument(help="the dataset's CSV/TSV/parquet/JSON file")],
+    output: Annotated[Path, typer.Argument(help="JSONL manifest to write")],
+    media_root: Annotated[Path | None, typer.Option(help="where the media files were downloaded to "
+                                                         "(default: the source file's folder)")] = None,
+) -> None:
+    """Convert a dataset people already have (local files) into an anyverse pairs or dialogs manifest."""
+    from anyverse.train.convert import convert as run
+
+    typer.echo(run(fmt, source, output, media_root).summary())

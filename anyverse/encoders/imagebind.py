@@ -41,7 +41,7 @@ ENCODER_MODALITIES = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, Modality.D
 _Pair = tuple[torch.Tensor, torch.Tensor]  # (pooled, tokens) of one item
 _MEDIA_MODALITIES = tuple(m for m in ENCODER_MODALITIES if m is not Modality.TEXT)
 # ImageBind's own modality keys; video is the vision trunk with a clip axis.
-_KEY = {Modality.IMAGE: "vision", Modality.VIDEO: "vision", Modality.AUDIO: "audio", Modality.DEPTH: "depth",
+TOWER = {Modality.IMAGE: "vision", Modality.VIDEO: "vision", Modality.AUDIO: "audio", Modality.DEPTH: "depth",
         Modality.THERMAL: "thermal", Modality.TEXT: "text"}
 
 
@@ -159,7 +159,7 @@ class ImageBindArch(BaseModel):
         return _imagebind().ImageBindModel(**self.model_dump())
 
 
-def _write(directory: Path, arch: ImageBindArch, state: Mapping[str, torch.Tensor]) -> None:
+def write_encoder(directory: Path, arch: ImageBindArch, state: Mapping[str, torch.Tensor]) -> None:
     """Write ``config.json`` + ``model.safetensors`` (tensors made contiguous and unshared, as safetensors needs)."""
     directory.mkdir(parents=True, exist_ok=True)
     seen: set[int] = set()
@@ -183,7 +183,7 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = arch.build()
-    _write(directory, arch, model.state_dict())
+    write_encoder(directory, arch, model.state_dict())
 
 
 def _skeleton(arch: ImageBindArch) -> nn.Module:
@@ -230,7 +230,7 @@ def convert_checkpoint(src: Path, dst: Path, arch: ImageBindArch | None = None) 
     if not isinstance(state, Mapping):
         raise ValueError(f"{src}: expected a state_dict (a mapping of tensors), got {type(state).__name__}")
     _check_state_dict(state, _skeleton(arch), src)
-    _write(dst, arch, state)
+    write_encoder(dst, arch, state)
     log.info("converted %s -> %s (%d tensors)", src, dst, len(state))
     return dst
 
@@ -341,9 +341,9 @@ class ImageBindEncoder:
 
     def token_dim(self, modality: Modality) -> int:
         """Width ``Dt`` of :attr:`EncoderOutput.tokens` for ``modality``."""
-        return int(getattr(self.arch, f"{_KEY[modality]}_embed_dim"))
+        return int(getattr(self.arch, f"{TOWER[modality]}_embed_dim"))
 
-    def _forward(self, key: str, x: torch.Tensor) -> _Pair:
+    def forward_tokens(self, key: str, x: torch.Tensor) -> _Pair:
         """One modality through ImageBindModel's own parts, as its ``forward`` does, also returning tokens."""
         clips = x.shape[:2] if x.ndim >= 5 else None  # audio and video carry a clip axis
         if clips is not None:
@@ -365,13 +365,13 @@ class ImageBindEncoder:
         for start in range(0, len(inputs), self.batch_size):
             batch = torch.stack([prepare(item) for item in inputs[start : start + self.batch_size]])
             with torch.inference_mode():
-                pooled, tokens = self._forward(key, batch.to(self.device, self.dtype if batch.is_floating_point()
+                pooled, tokens = self.forward_tokens(key, batch.to(self.device, self.dtype if batch.is_floating_point()
                                                              else batch.dtype))
             # clone outside inference mode: inference tensors cannot be saved for backward by trainable projectors
             results.extend(zip(pooled.clone(), tokens.clone(), strict=True))
         return results
 
-    def _prepare(self, item: Media, caps: Caps) -> torch.Tensor:
+    def preprocess(self, item: Media, caps: Caps) -> torch.Tensor:
         from anyverse import media
 
         if item.modality is Modality.IMAGE:
@@ -400,7 +400,7 @@ class ImageBindEncoder:
                 if hit is not None:
                     found[sha] = hit
         todo = list({item.sha256: item for item in items if item.sha256 not in found}.values())
-        results = self._run(_KEY[todo[0].modality], todo, lambda item: self._prepare(item, caps)) if todo else []
+        results = self._run(TOWER[todo[0].modality], todo, lambda item: self.preprocess(item, caps)) if todo else []
         for item, (pooled, tokens) in zip(todo, results, strict=True):
             found[item.sha256] = (pooled, tokens)
             if self.cache is not None:

@@ -83,3 +83,21 @@ def captions(
         typer.echo(f"clipscore: {report['clipscore']:.4f} (over {report['clipscore_n']} image(s))")
     for name, reason in not_computed.items():
         typer.echo(f"{name}: not computed ({reason})")
+
+
+@eval_app.command("toyworld")
+@fail_cleanly
+def toyworld(
+    data: Annotated[Path, typer.Option(help="toy-world directory (anyverse data toyworld)")],
+    profile: Annotated[str, typer.Option(help="profile to evaluate")] = "toyworld",
+    checkpoint: Annotated[Path | None, typer.Option(help="evaluate this checkpoint instead of --profile")] = None,
+    limit: Annotated[int, typer.Option(help="held-out items per score")] = 120,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """caption_accuracy, decoder_retrieval (+ decoder_cosine), routing_accuracy in both modes, per attribute."""
+    import json
+
+    from anyverse.train.toyworld_build import evaluate_toyworld
+
+    scores = evaluate_toyworld(checkpoint, data, profile, limit)
+    typer.echo(json.dumps(scores) if as_json else "\n".join(f"{k}: {v:.3f}" for k, v in scores.items()))

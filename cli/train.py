@@ -35,3 +35,17 @@ def _stage(stage: str):  # type: ignore[no-untyped-def]
 
 for _name in ("lm-pretrain", "encoder-pretrain", "encoder-alignment", "decoder-alignment", "instruction-tuning"):
     train_app.command(_name)(_stage(_name))
+
+
+@train_app.command("toyworld")
+@fail_cleanly
+def toyworld(
+    n: Annotated[int, typer.Option("--n", help="toy-world items per modality")] = 200,
+    seed: Annotated[int, typer.Option(help="toy-world seed")] = 0,
+) -> None:
+    """Build the toyworld profile in one command: data, tiny LM + encoder pretraining, the three stages, eval."""
+    import json
+
+    from anyverse.train.toyworld_build import build_toyworld
+
+    typer.echo(json.dumps(build_toyworld(n, seed), indent=2))

@@ -133,7 +133,8 @@ def decoder_retrieval(model: AnyverseModel, pool: Any, bank_manifests: list[Path
                       modalities: set[Modality], limit: int | None = None) -> dict[str, float]:
     """Recall@1 of projected conditioning against every distinct caption's target, and the mean cosine."""
     bank = distinct_pairs(bank_manifests, modalities)
-    queries = distinct_pairs([eval_manifest], modalities)[:limit]
+    queries = distinct_pairs([eval_manifest], modalities)
+    queries = queries[:: max(1, len(queries) // limit)][:limit] if limit else queries
     scores: dict[str, float] = {}
     hits_all, cos_all = [], []
     for modality in sorted({m for m, _ in queries}, key=str):

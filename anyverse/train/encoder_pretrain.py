@@ -25,6 +25,7 @@ from anyverse.encoders.imagebind import TOWER, ImageBindArch, ImageBindEncoder, 
 from anyverse.media import MediaError, load_media
 from anyverse.train.config import TrainConfig
 from anyverse.train.manifest import PairRecord, SkipReport, read_manifest, resolve
+from anyverse.types import Modality
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,12 @@ class EncoderPretrain(nn.Module):
     def embed_media(self, items: list[Prepared]) -> torch.Tensor:
         """Normalised embeddings in ``items`` order (one forward per modality)."""
         out = torch.empty(len(items), self.arch.out_embed_dim, device=self.encoder.device)
-        groups: dict[str, list[int]] = defaultdict(list)
+        groups: dict[Modality, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
-            groups[TOWER[item.record.modality]].append(i)
-        for key, indices in groups.items():
+            groups[item.record.modality].append(i)
+        for modality, indices in groups.items():  # image and video share the vision tower, not input shapes
             batch = torch.stack([items[i].inputs for i in indices]).to(self.encoder.device, torch.float32)
-            out[indices] = self.encoder.forward_tokens(key, batch)[0]
+            out[indices] = self.encoder.forward_tokens(TOWER[modality], batch)[0]
         return F.normalize(out, dim=-1)
 
     def embed_text(self, captions: list[str]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from anyverse.llm import LoadedLLM, load_adapter, load_llm
 from anyverse.projectors import OutputProjector, build_input_projector
 from anyverse.signals import MEDIA_END, MEDIA_START, MEDIA_TOKEN, REQUEST_CLOSE, REQUEST_OPEN, SignalVocabulary
 from anyverse.types import Media, Message, Modality
+from anyverse.weights import expand
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class AnyverseModel(nn.Module):
         })
         model = cls(config, encoder, llm, inputs, outputs)
         if config.projector_weights:
-            model.load_projectors(Path(config.projector_weights).expanduser())
+            # training may add output projectors to a stage that had none; inference never runs them untrained
+            model.load_projectors(expand(config.projector_weights), new_outputs=output_projectors is not None)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def projector_state(self) -> dict[str, torch.Tensor]:
@@ -109,15 +111,18 @@ class AnyverseModel(nn.Module):
     def base_fingerprint(self) -> dict[str, Any]:
         return fingerprint(self.encoder, self.llm)
 
-    def load_projectors(self, path: Path) -> None:
+    def load_projectors(self, path: Path, new_outputs: bool = False) -> None:
         """Load trained projectors; a shape or key mismatch names the offending tensors.
 
-        Output projectors in the file are skipped when this model has none (meta mode does not use them).
+        Output projectors in the file are skipped when this model has none (meta mode does not use them); with
+        ``new_outputs`` a file without any keeps this model's freshly initialised ones (to be trained).
         """
         state = load_file(path)
+        mine = self.projector_state()
         if not self.output_projectors:
             state = {k: v for k, v in state.items() if not k.startswith("output.")}
-        mine = self.projector_state()
+        elif new_outputs and not any(k.startswith("output.") for k in state):
+            state |= {k: v for k, v in mine.items() if k.startswith("output.")}
         missing = sorted(set(mine) - set(state))
         unexpected = sorted(set(state) - set(mine))
         wrong = sorted(k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from anyverse.checkpoint import ADAPTER, PROJECTORS
+from anyverse.checkpoint import ADAPTER, MANIFEST, PROJECTORS
 from anyverse.config import anyverse_home
 from anyverse.train.config import load_train_config
 from anyverse.train.run import run_config
@@ -40,7 +40,9 @@ def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] 
         make_toyworld(data, n, seed)
     for stage in BUILD_STAGES:
         config = load_train_config(stage_config_path(stage), (overrides or {}).get(stage))
-        final = run_config(config)
+        final = config.output_dir / f"step-{config.steps:06d}"
+        if not (final / MANIFEST).is_file():  # finished stages are not even reloaded
+            final = run_config(config)
         for name in INSTALL.get(stage, []):
             target = root / name
             if target.is_dir():

@@ -61,8 +61,15 @@ class Anyverse:
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
         self.generators = GeneratorPool(config.generators, self.device, self.dtype, config.runtime.generator_memory_gb)
         if model is None:
-            collect_missing([lambda: check_encoder_weights(config.encoder), lambda: check_llm_weights(config.llm),
-                             self.generators.check_weights, self._check_projectors])
+            try:
+                collect_missing([lambda: check_encoder_weights(config.encoder),
+                                 lambda: check_llm_weights(config.llm), self.generators.check_weights,
+                                 self._check_projectors])
+            except MissingWeightsError as err:
+                if config.profile != "toyworld":
+                    raise
+                raise MissingWeightsError(["toyworld: not built on this machine yet; `anyverse train toyworld` "
+                                           "makes every piece below (CPU only, no downloads)", *err.missing]) from None
             specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
             model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
         self.model = model

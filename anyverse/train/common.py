@@ -23,6 +23,7 @@ from anyverse.signals import REQUEST_CLOSE, REQUEST_OPEN
 from anyverse.train.config import TrainConfig
 from anyverse.train.manifest import RequestRecord
 from anyverse.types import Media, Message, Modality
+from anyverse.weights import expand
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ IGNORE = -100
 
 def model_config(config: TrainConfig) -> tuple[AnyverseConfig, dict[str, Any] | None, Path | None]:
     """The model config a training config names (profile, YAML or checkpoint) and, for a checkpoint, its base."""
-    path = Path(config.model).expanduser()
+    path = expand(config.model)
     if path.is_dir():
         directory = find_checkpoint(path)
         model, manifest = checkpoint_config(directory, config.model_overrides)

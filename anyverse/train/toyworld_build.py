@@ -30,8 +30,9 @@ def stage_config_path(stage: str) -> Path:
     return Path(str(resources.files("anyverse.train.configs") / f"toyworld-{stage}.yaml"))
 
 
-def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] | None = None) -> dict[str, float]:
-    """Data, then every stage, then the held-out scores (also written to toyworld/eval.json)."""
+def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] | None = None,
+                   eval_limit: int = 120) -> dict[str, float]:
+    """Data, then every stage (``overrides`` per stage name), then the held-out scores (also in toyworld/eval.json)."""
     from anyverse.train.toyworld import make_toyworld
 
     root = anyverse_home() / "toyworld"
@@ -48,7 +49,7 @@ def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] 
             if target.is_dir():
                 shutil.rmtree(target)
             (shutil.copytree if (final / name).is_dir() else shutil.copy2)(final / name, target)
-    scores = evaluate_toyworld(None, data)
+    scores = evaluate_toyworld(None, data, limit=eval_limit)
     (root / "eval.json").write_text(json.dumps(scores, indent=2))
     return scores
 

@@ -70,6 +70,17 @@ class AnyverseModel(nn.Module):
         self.system_prompts = {mode: system_prompt(config, llm.vocab, mode) for mode in ("meta", "signal")}
         self.system_prompt = self.system_prompts[config.output.mode]
 
+    @property
+    def llm(self) -> LoadedLLM:
+        return self._llm
+
+    @llm.setter
+    def llm(self, llm: LoadedLLM) -> None:
+        """Registers the LM as a submodule, so its (LoRA) weights are this module's parameters: optimisers,
+        checkpoints and DDP see them, also after a LoRA wrapper replaces it."""
+        self._llm = llm
+        self.language_model = llm.model
+
     @classmethod
     def from_config(cls, config: AnyverseConfig, device: torch.device, dtype: torch.dtype,
                     conditioning_specs: dict[Modality, dict[str, tuple[int, int]]],

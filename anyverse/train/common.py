@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from anyverse.checkpoint import check_base, checkpoint_config, find_checkpoint
+from anyverse.checkpoint import PROJECTORS, check_base, checkpoint_config, find_checkpoint
 from anyverse.config import AnyverseConfig, load_config
 from anyverse.devices import resolve_dtype
 from anyverse.encoders.imagebind import ImageBindEncoder
@@ -185,3 +187,14 @@ def conditioning_targets(pool: GeneratorPool, modality: Modality, prompts: list[
 def l2_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """NExT-GPT's "L2": Euclidean distance per token over the feature dim, averaged (not MSE)."""
     return (pred - target).norm(dim=-1).mean()
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy: position t predicts label t+1; IGNORE labels do not count."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def save_projectors(model: AnyverseModel, directory: Path) -> dict[tuple[str | None, str], str | None]:
+    """Write every projector to the checkpoint and point ``projector_weights`` at it."""
+    save_file({k: v.contiguous() for k, v in model.projector_state().items()}, str(directory / PROJECTORS))
+    return {(None, "projector_weights"): PROJECTORS}

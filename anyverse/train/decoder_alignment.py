@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anyverse.checkpoint import PROJECTORS
 from anyverse.model import AnyverseModel
 from anyverse.train.common import (
     FeatureTable,
@@ -25,6 +24,7 @@ from anyverse.train.common import (
     load_model,
     render_example,
     reply_text,
+    save_projectors,
 )
 from anyverse.train.config import TrainConfig
 from anyverse.train.manifest import PairRecord, RequestRecord, read_manifest
@@ -122,11 +122,8 @@ class DecoderAlignment(nn.Module):
         return decoder_retrieval(self.model, self.pool, [self.config.data.train, self.config.data.eval],
                                  self.config.data.eval, set(self.modalities), self.config.data.max_eval_items)
 
-    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str]:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.model.projector_state().items()}, str(directory / PROJECTORS))
-        return {(None, "projector_weights"): PROJECTORS}
+    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
+        return save_projectors(self.model, directory)
 
 
 def decoder_retrieval(model: AnyverseModel, pool: Any, bank_manifests: list[Path], eval_manifest: Path,

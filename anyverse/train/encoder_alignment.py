@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from anyverse.checkpoint import PROJECTORS
-from anyverse.train.common import Example, embed_batch, load_model, render_example
+from anyverse.train.common import Example, embed_batch, load_model, next_token_loss, render_example, save_projectors
 from anyverse.train.config import TrainConfig
 from anyverse.train.evaluation import caption_accuracy, load_pairs
 from anyverse.types import Media, Message
@@ -54,8 +52,7 @@ class EncoderAlignment(nn.Module):
     def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
         embeds, mask, labels = embed_batch(self.model, batch, self.features)
         logits = self.model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return loss, {}
+        return next_token_loss(logits, labels), {}
 
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.config.optim.projector_lr or self.config.optim.lr
@@ -67,8 +64,5 @@ class EncoderAlignment(nn.Module):
                                      limit=self.config.data.max_eval_items)
         return caption_accuracy(self.model, pairs, features)
 
-    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str]:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.model.projector_state().items()}, str(directory / PROJECTORS))
-        return {(None, "projector_weights"): PROJECTORS}
+    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
+        return save_projectors(self.model, directory)

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from anyverse.checkpoint import ADAPTER, PROJECTORS
+from anyverse.checkpoint import ADAPTER
 from anyverse.llm import attach_lora
 from anyverse.model import AnyverseModel
 from anyverse.train.common import (
@@ -25,8 +24,10 @@ from anyverse.train.common import (
     conditioning_targets,
     embed_batch,
     load_model,
+    next_token_loss,
     render_example,
     reply_text,
+    save_projectors,
 )
 from anyverse.train.config import TrainConfig
 from anyverse.train.decoder_alignment import SignalItem, projection_loss
@@ -116,7 +117,7 @@ class InstructionTuning(nn.Module):
     def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
         embeds, mask, labels = embed_batch(self.model, batch, self.features)
         out = self.model.llm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
-        lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        lm = next_token_loss(out.logits, labels)
         signal = [(b, m, pos, prompt) for b, e in enumerate(batch) for m, pos, prompt in e.signals]
         if not signal:
             return self.config.loss.lm * lm, {"lm_loss": lm.item()}
@@ -141,11 +142,8 @@ class InstructionTuning(nn.Module):
         dialogs, _ = load_dialogs(self.model, self.config.data.eval, self.config.data.max_eval_items)
         return routing_accuracy(self.model, dialogs, self.config.output_modes)
 
-    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str]:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.model.projector_state().items()}, str(directory / PROJECTORS))
-        written: dict[tuple[str | None, str], str] = {(None, "projector_weights"): PROJECTORS}
+    def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
+        written = save_projectors(self.model, directory)
         if self.config.train_lora:
             self.model.llm.model.save_pretrained(directory / ADAPTER)
             written[("llm", "adapter")] = ADAPTER

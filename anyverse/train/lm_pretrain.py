@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anyverse.config import LLMConfig, TinySpec, load_config
 from anyverse.llm import build_tiny_llm, load_llm
 from anyverse.model import system_prompt
 from anyverse.signals import MEDIA_END, MEDIA_START, SignalVocabulary
+from anyverse.train.common import next_token_loss
 from anyverse.train.config import TrainConfig
 from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
 from anyverse.train.manifest import PairRecord, SkipReport, read_manifest
@@ -56,7 +56,7 @@ class LMPretrain(nn.Module):
         build_tiny_llm(base, spec, corpus=[*lines, *(p.caption for p in pairs)])
         vocab = SignalVocabulary(model_cfg.output.signal_tokens)
         self.llm = load_llm(LLMConfig(path=str(base)), vocab, device, torch.float32)
-        self.llm.model.requires_grad_(True)
+        self.network = self.llm.model.requires_grad_(True)  # registered: checkpoints and DDP see its weights
         self.model_config = model_cfg.model_copy(update={"llm": model_cfg.llm.model_copy(update={"adapter": None})})
         self.base: dict[str, Any] = {}
         tokenizer = self.llm.tokenizer
@@ -82,7 +82,7 @@ class LMPretrain(nn.Module):
         ids, mask = batch
         logits = self.llm.model(input_ids=ids, attention_mask=mask).logits
         labels = ids.masked_fill(mask == 0, -100)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100), {}
+        return next_token_loss(logits, labels), {}
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.llm.model.parameters()), "lr": self.config.optim.lr}]

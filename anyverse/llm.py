@@ -175,7 +175,9 @@ def load_llm(config: LLMConfig, vocab: SignalVocabulary, device: torch.device, d
     model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     base_id = base_fingerprint(model)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        with torch.random.fork_rng(devices=[]):  # new rows are sampled around the mean: same rows every load
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.to(device).eval().requires_grad_(False)
     return LoadedLLM(model=model, tokenizer=tokenizer, vocab=vocab, base_id=base_id)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from anyverse.cli.app import app
 from typer.testing import CliRunner
 
-from anyverse.cli.app import app
 from anyverse.config import anyverse_home
 from anyverse.train.toyworld_build import BUILD_STAGES, build_toyworld
 

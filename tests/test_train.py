@@ -1,0 +1,392 @@
+"""Training on the toy world through the CLI: loss falls, checkpoints are complete, resume is exact, accelerate
+launch works, the frozen-encoder cache is reused, checkpoints are verified on load, and bad input is handled."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from anyverse.cli.app import app
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from anyverse.config import load_config
+from anyverse.encoders.imagebind import ImageBindEncoder
+from anyverse.media import load_media
+from anyverse.session import Anyverse
+from anyverse.train.common import FeatureTable
+
+runner = CliRunner()
+
+# The tiny profile's random Llama (initializer_range 0.02) gives near-uniform logits (loss ~ ln(vocab)) that no
+# soft token can move, so encoder alignment gets a less flat random LLM to show that its projectors learn.
+STEEPER_LLM = ["llm.tiny.arch.initializer_range=0.2"]
+
+
+def invoke(*args: str) -> Any:
+    result = runner.invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def train(stage: str, config: Path, *extra: str) -> Any:
+    result = invoke("train", stage, "--config", str(config), *extra)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("toyworld") / "world"
+    result = invoke("data", "toyworld", str(directory), "--n", "24", "--seed", "0")
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def subset(world: Path, source: str, name: str, per_key: dict[str, int]) -> Path:
+    """The first ``per_key[k]`` lines of each modality (pairs) or intent (dialogs), as a manifest next to the
+    toy world's own (media paths are relative to the manifest's directory)."""
+    taken: dict[str, int] = {}
+    lines = []
+    for line in (world / source).read_text().splitlines():
+        record = json.loads(line)
+        key = record.get("modality") or record["attributes"]["intent"]
+        if taken.get(key, 0) < per_key.get(key, 0):
+            taken[key] = taken.get(key, 0) + 1
+            lines.append(line)
+    assert taken == per_key, taken
+    path = world / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_config(path: Path, stage: str, train_manifest: Path, output_dir: Path, **fields: Any) -> Path:
+    config = {"stage": stage, "model": "tiny", "data": {"train": str(train_manifest)}, "output_dir": str(output_dir),
+              "steps": 6, "batch_size": 4, "log_every": 1, **fields}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+# Per stage: manifest, subset, lr, steps, extra fields. Each subset is exactly one batch (4 items; instruction
+# tuning renders each dialog in both output modes), so every step sees the same data and the loss falls smoothly.
+FALL: dict[str, tuple[str, dict[str, int], float, int, dict[str, Any]]] = {
+    "encoder-alignment": ("pairs-train.jsonl", {"image": 2, "audio": 1, "video": 1}, 0.003, 20,
+                          {"model_overrides": STEEPER_LLM}),
+    "decoder-alignment": ("pairs-train.jsonl", {"image": 2, "audio": 1, "video": 1}, 0.003, 20, {}),
+    "instruction-tuning": ("dialogs-train.jsonl", {"make_video": 1, "describe": 1}, 0.003, 20, {}),
+}
+
+
+class Runs:
+    """Module-wide memo of the loss-fall runs, so later tests reuse their checkpoints."""
+
+    def __init__(self, world: Path, root: Path):
+        self.world, self.root, self.done = world, root, {}
+
+    def get(self, stage: str) -> Path:
+        if stage not in self.done:
+            source, per_key, lr, steps, extra = FALL[stage]
+            manifest = subset(self.world, source, f"fall-{stage}.jsonl", per_key)
+            out = self.root / f"fall-{stage}"
+            config = write_config(self.root / f"fall-{stage}.yaml", stage, manifest, out, steps=steps,
+                                  optim={"lr": lr, "schedule": "constant", "warmup_steps": 0}, **extra)
+            result = train(stage, config)
+            assert result.stdout.strip() == str(out / f"step-{steps:06d}")
+            self.done[stage] = out
+        return self.done[stage]
+
+
+@pytest.fixture(scope="module")
+def runs(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(world, tmp_path_factory.mktemp("runs"))
+
+
+# ------------------------------------------------------------------------------------------ 1. loss falls
+
+
+@pytest.mark.parametrize("stage", list(FALL))
+def test_each_stage_trains_and_writes_a_complete_checkpoint(runs: Runs, stage: str) -> None:
+    out = runs.get(stage)
+    steps = FALL[stage][3]
+    values = losses(out)
+    assert sorted(values) == list(range(1, steps + 1))
+    series = [values[s] for s in sorted(values)]
+    first, last = sum(series[:3]) / 3, sum(series[-3:]) / 3
+    assert last < 0.92 * first, f"{stage}: loss did not fall clearly: {series}"
+
+    checkpoint = out / f"step-{steps:06d}"
+    assert [p.name for p in sorted(out.glob("step-*"))] == [checkpoint.name]  # save_every 0: only the end
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["stage"] == stage and manifest["step"] == steps
+    assert {"encoder", "llm"} <= set(manifest["base"])
+    expected = {"config.yaml", "train.yaml", "projectors.safetensors"}
+    if stage == "instruction-tuning":
+        expected |= {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    assert expected <= set(manifest["files"]), sorted(manifest["files"])
+    for name, entry in manifest["files"].items():
+        assert len(entry["sha256"]) == 64 and (checkpoint / name).is_file()
+    assert not any(name.startswith("state/") for name in manifest["files"])
+    trainable = load_file(str(checkpoint / "state" / "trainable.safetensors"))
+    if stage == "instruction-tuning":  # resume state must hold everything that trains, the LoRA weights too
+        adapter = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+        assert any("lora_" in name for name in adapter)
+        assert any("lora_" in name for name in trainable), f"no LoRA weights in state/: {sorted(trainable)}"
+    assert (checkpoint / "state" / "trainer.json").is_file()
+    assert "tensors" in manifest["files"]["projectors.safetensors"]
+
+    model_config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    assert model_config["projector_weights"] == "projectors.safetensors"
+    if stage == "instruction-tuning":
+        assert model_config["llm"]["adapter"] == "adapter"
+        assert json.loads((checkpoint / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    train_config = yaml.safe_load((checkpoint / "train.yaml").read_text())
+    assert train_config["stage"] == stage and train_config["steps"] == steps
+    projectors = load_file(str(checkpoint / "projectors.safetensors"))
+    prefix = "input" if stage == "encoder-alignment" else "output" if stage == "decoder-alignment" else ""
+    assert any(name.startswith(prefix) for name in projectors), sorted(projectors)[:5]
+
+
+# ------------------------------------------------------------------------------- 2. resume is exact
+
+
+@pytest.mark.parametrize("stage", ["instruction-tuning", "encoder-alignment"])
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(world: Path, tmp_path: Path, stage: str) -> None:
+    if stage == "instruction-tuning":  # 8 dialogs x 2 modes: batches change every step, epochs turn over
+        manifest = subset(world, "dialogs-train.jsonl", "resume-dialogs.jsonl",
+                          {"describe": 2, "make_image": 2, "make_audio": 1, "describe_and_sound": 2, "edit_image": 1})
+    else:
+        manifest = subset(world, "pairs-train.jsonl", "resume-pairs.jsonl", {"image": 3, "audio": 3, "video": 3})
+    fields = {"save_every": 3, "keep_checkpoints": 5, "optim": {"lr": 0.003, "warmup_steps": 2}}  # warmup+cosine
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    train(stage, write_config(tmp_path / "a.yaml", stage, manifest, run_a, **fields))
+    assert [p.name for p in sorted(run_a.glob("step-*"))] == ["step-000003", "step-000006"]
+
+    run_b.mkdir()
+    shutil.copytree(run_a / "step-000003", run_b / "step-000003")
+    train(stage, write_config(tmp_path / "b.yaml", stage, manifest, run_b, **fields))
+    a, b = losses(run_a), losses(run_b)
+    assert sorted(b) == [4, 5, 6]
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)], (a, b)  # bit for bit
+    final_a = load_file(str(run_a / "step-000006" / "state" / "trainable.safetensors"))
+    final_b = load_file(str(run_b / "step-000006" / "state" / "trainable.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_resume_in_a_new_process_reproduces_the_uninterrupted_run(world: Path, tmp_path: Path,
+                                                                  anyverse_home: str) -> None:
+    """What a crashed job does: the resumed run is another process (another hash seed, fresh RNG)."""
+    manifest = subset(world, "pairs-train.jsonl", "resume-pairs-3.jsonl", {"image": 3, "audio": 3, "video": 3})
+    fields = {"save_every": 3, "keep_checkpoints": 5, "optim": {"lr": 0.003, "warmup_steps": 2}}
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    env = {**os.environ, "ANYVERSE_HOME": anyverse_home, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def train_in_process_of_its_own(config: Path, hash_seed: str) -> None:
+        command = [sys.executable, "-m", "anyverse.cli.app", "train", "decoder-alignment", "--config", str(config)]
+        done = subprocess.run(command, cwd=tmp_path, env={**env, "PYTHONHASHSEED": hash_seed}, capture_output=True,
+                              text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train_in_process_of_its_own(write_config(tmp_path / "a.yaml", "decoder-alignment", manifest, run_a, **fields), "1")
+    run_b.mkdir()
+    shutil.copytree(run_a / "step-000003", run_b / "step-000003")
+    train_in_process_of_its_own(write_config(tmp_path / "b.yaml", "decoder-alignment", manifest, run_b, **fields), "2")
+    a, b = losses(run_a), losses(run_b)
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)], (a, b)
+
+
+# -------------------------------------------------------------------------------- 3. accelerate launch
+
+
+def test_accelerate_launch_with_two_cpu_processes(world: Path, tmp_path: Path, anyverse_home: str) -> None:
+    manifest = subset(world, "pairs-train.jsonl", "launch-pairs.jsonl", {"image": 4, "audio": 2, "video": 2})
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "launch.yaml", "encoder-alignment", manifest, out, steps=3, batch_size=2)
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple launcher: multi-CPU needs
+    # an MPI hostfile); torchrun's launcher (--multi_gpu) with ACCELERATE_USE_CPU starts two gloo CPU processes.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
+               "-m", "anyverse.cli.app", "train", "encoder-alignment", "--config", str(config)]
+    env = {**os.environ, "ANYVERSE_HOME": anyverse_home, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]  # only the main process writes metrics
+    checkpoint = out / "step-000003"
+    assert json.loads((checkpoint / "manifest.json").read_text())["step"] == 3
+    assert json.loads((checkpoint / "state" / "trainer.json").read_text())["world_size"] == 2
+    assert (checkpoint / "projectors.safetensors").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------- 4. frozen-encoder cache
+
+
+def test_the_encoder_runs_once_per_file_and_not_again_on_a_second_run(world: Path, tmp_path: Path,
+                                                                      anyverse_home: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = subset(world, "pairs-train.jsonl", "cache-pairs.jsonl", {"image": 2, "audio": 2, "video": 2})
+    files = [world / json.loads(line)["media"] for line in manifest.read_text().splitlines()]
+    caps = load_config("tiny").caps
+    shas = {load_media(f, caps).sha256 for f in files}
+    for sha in shas:  # other tests of this session may have cached these files already
+        for cached in Path(anyverse_home, "embeddings").glob(f"*/{sha[:2]}/{sha}.safetensors"):
+            cached.unlink()
+
+    building = [False]
+    calls: list[tuple[str, int, bool]] = []
+    original_run, original_build = ImageBindEncoder._run, FeatureTable.build.__func__  # type: ignore[attr-defined]
+
+    def counting_run(self: ImageBindEncoder, key: str, inputs: list[Any], prepare: Any) -> Any:
+        calls.append((key, len(inputs), building[0]))
+        return original_run(self, key, inputs, prepare)
+
+    def flagged_build(cls: type[FeatureTable], *args: Any, **kwargs: Any) -> FeatureTable:
+        building[0] = True
+        try:
+            return original_build(cls, *args, **kwargs)
+        finally:
+            building[0] = False
+
+    monkeypatch.setattr(ImageBindEncoder, "_run", counting_run)
+    monkeypatch.setattr(FeatureTable, "build", classmethod(flagged_build))
+    # 6 pairs, batch 4, 5 steps: 20 items drawn, over three epochs
+    config = write_config(tmp_path / "cache.yaml", "encoder-alignment", manifest, tmp_path / "first", steps=5)
+    train("encoder-alignment", config)
+    assert calls, "the encoder never ran: the embedding cache was not cold"
+    assert all(inside for _, _, inside in calls), calls  # only while building the feature table
+    assert sum(n for _, n, _ in calls) == len(shas)  # each file encoded exactly once, for all epochs
+    assert {key for key, _, _ in calls} == {"vision", "audio"}  # images and videos share the vision tower
+
+    calls.clear()
+    train("encoder-alignment", config, "--fresh", "--set", f"output_dir={tmp_path / 'second'}")
+    assert calls == []  # the on-disk embedding cache served every file
+    assert (tmp_path / "second" / "step-000005").is_dir()
+
+
+# ------------------------------------------------------------------------- 5. checkpoint verification
+
+
+def test_a_checkpoint_on_another_base_llm_is_refused(runs: Runs, tmp_path: Path) -> None:
+    checkpoint = runs.get("decoder-alignment") / "step-000020"
+    with pytest.raises(ValueError, match=r"\bllm\b"):
+        Anyverse.from_checkpoint(checkpoint, ["llm.tiny.seed=1"], output_dir=tmp_path)
+    session = Anyverse.from_checkpoint(checkpoint, output_dir=tmp_path)  # its own base loads
+    assert session.config.projector_weights == str((checkpoint / "projectors.safetensors").resolve())
+
+
+def test_the_cli_refuses_a_checkpoint_on_another_base_llm(runs: Runs, tmp_path: Path) -> None:
+    if "--checkpoint" not in invoke("run", "--help").output:
+        pytest.skip("`anyverse run` has no --checkpoint option yet")
+    checkpoint = runs.get("decoder-alignment") / "step-000020"
+    result = invoke("run", "hi", "--checkpoint", str(checkpoint), "--set", "llm.tiny.seed=1",
+                    "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "llm" in result.stderr, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_corrupted_checkpoint_file_is_refused(runs: Runs, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "copy"
+    shutil.copytree(runs.get("decoder-alignment") / "step-000020", checkpoint)
+    weights = checkpoint / "projectors.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 16, len(data)):  # inside the tensor data: the file still parses
+        data[i] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"projectors\.safetensors does not match its manifest hash"):
+        Anyverse.from_checkpoint(checkpoint, output_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ 6. bad input
+
+
+def test_bad_manifest_lines_and_corrupt_media_are_skipped_and_counted(world: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    good = subset(world, "pairs-train.jsonl", "bad-good.jsonl", {"image": 2, "audio": 1, "video": 1})
+    garbage = world / "media" / "image" / "garbage.png"
+    garbage.write_bytes(os.urandom(2000))
+    truncated = world / "media" / "image" / "truncated.png"  # a PNG signature, then garbage
+    truncated.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
+    bad = [
+        json.dumps({"media": "media/image/nope.png", "modality": "image", "caption": "a missing file"}),
+        '{"media": "media/image/000001.png", "modality": "image", "caption": ',
+        json.dumps({"media": "media/image/garbage.png", "modality": "image", "caption": "a garbage file"}),
+        json.dumps({"media": "media/image/truncated.png", "modality": "image", "caption": "a truncated file"}),
+    ]
+    manifest = world / "bad-pairs.jsonl"
+    manifest.write_text(good.read_text() + "\n".join(bad) + "\n")
+    config = write_config(tmp_path / "bad.yaml", "encoder-alignment", manifest, tmp_path / "out", steps=2)
+    caplog.set_level("INFO", logger="anyverse")
+    train("encoder-alignment", config)
+    assert (tmp_path / "out" / "step-000002").is_dir()
+    text = caplog.text
+    assert "6 records, skipped 2" in text and "1 missing file" in text and "1 not JSON" in text, text
+    assert "features: skipped 2 files" in text, text
+
+
+def _no_training(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    started: list[Any] = []
+    monkeypatch.setattr("anyverse.train.run.run_config", lambda *args, **kwargs: started.append(args))
+    return started
+
+
+@pytest.mark.parametrize(("stage", "fields", "message"), [
+    ("encoder-alignment", {"learning_rate": 0.1}, "learning_rate: Extra inputs are not permitted"),
+    ("encoder-alignment", {"optim": {"lr": 0.1, "momentum": 0.9}}, "optim.momentum"),
+    ("encoder-alignment", {"steps": 0}, "steps: Input should be greater than 0"),
+    ("decoder-alignment", {}, "this config is for stage 'encoder-alignment', not 'decoder-alignment'"),
+])
+def test_bad_configs_fail_with_one_line_before_training(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        stage: str, fields: dict[str, Any], message: str) -> None:
+    started = _no_training(monkeypatch)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", "encoder-alignment", world / "pairs-train.jsonl", out, **fields)
+    result = invoke("train", stage, "--config", str(config))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("anyverse: error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert started == [] and not out.exists()
+
+
+# ------------------------------------------------------------------------- 7. resuming a finished run
+
+
+def test_resuming_a_finished_run_does_nothing(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = runs.get("decoder-alignment")
+    config = out.parent / "fall-decoder-alignment.yaml"
+    before = (out / "metrics.jsonl").read_bytes()
+    checkpoint = out / "step-000020"
+    stamp = (checkpoint / "manifest.json").stat().st_mtime_ns
+    from anyverse.train.decoder_alignment import DecoderAlignment
+
+    steps: list[int] = []
+    original = DecoderAlignment.forward
+    monkeypatch.setattr(DecoderAlignment, "forward", lambda self, batch: steps.append(1) or original(self, batch))
+    result = train("decoder-alignment", config)
+    assert steps == []  # the loop starts at `steps`: not one training step
+    assert result.stdout.strip() == str(checkpoint)
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert (checkpoint / "manifest.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in out.glob("step-*")] == [checkpoint.name]

@@ -145,6 +145,7 @@ class InstructionTuning(nn.Module):
     def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
         written = save_projectors(self.model, directory)
         if self.config.train_lora:
-            self.model.llm.model.save_pretrained(directory / ADAPTER)
+            # new-token rows live in the trainable-token deltas; the resized base rows are re-made (seeded) at load
+            self.model.llm.model.save_pretrained(directory / ADAPTER, save_embedding_layers=False)
             written[("llm", "adapter")] = ADAPTER
         return written

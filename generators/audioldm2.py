@@ -99,7 +99,6 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
         AudioLDM2Pipeline,
         AudioLDM2ProjectionModel,
         AudioLDM2UNet2DConditionModel,
-        AutoencoderKL,
         DDIMScheduler,
     )
     from transformers import (
@@ -117,10 +116,11 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
     )
 
     from ._tiny_text import roberta_tokenizer, t5_tokenizer
+    from .stable_diffusion import tiny_vae
 
     arch = tiny_arch(AudioLDM2Generator.name, TINY_ARCH, spec)
     gpt_dim, t5_dim, groups = arch["gpt2_n_embd"], arch["t5_d_model"], arch["groups"]
-    vae_levels, unet_levels = len(arch["vae_channels"]), len(arch["channels"])
+    unet_levels = len(arch["channels"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         tokenizer = roberta_tokenizer(arch["clap_max_length"])
@@ -157,16 +157,7 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
             cross_attention_dim=([None, gpt_dim, t5_dim],) * unet_levels,
             attention_head_dim=8,
         )
-        vae = AutoencoderKL(
-            in_channels=1,
-            out_channels=1,
-            down_block_types=("DownEncoderBlock2D",) * vae_levels,
-            up_block_types=("UpDecoderBlock2D",) * vae_levels,
-            block_out_channels=tuple(arch["vae_channels"]),
-            layers_per_block=1,
-            latent_channels=8,
-            norm_num_groups=groups,
-        )
+        vae = tiny_vae(arch["vae_channels"], groups, image_channels=1, latent_channels=8)
         vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
             model_in_dim=arch["mel_bins"], sampling_rate=arch["sampling_rate"], upsample_initial_channel=16,
             upsample_rates=[2, 2], upsample_kernel_sizes=[4, 4], resblock_kernel_sizes=[3],

@@ -108,20 +108,22 @@ def encode_clip_prompts(runtime: DiffusersRuntime[Any], prompts: list[str]) -> d
     return {"prompt_embeds": embeds}
 
 
-def tiny_vae(arch: dict[str, Any]) -> AutoencoderKL:
+def tiny_vae(channels: list[int], groups: int, sample_size: int = 32, image_channels: int = 3,
+             latent_channels: int = 4) -> AutoencoderKL:
+    """A small AutoencoderKL: RGB for SD/Zeroscope; AudioLDM-2 uses it on 1-channel mel spectrograms."""
     from diffusers import AutoencoderKL
 
-    levels = len(arch["channels"])
+    levels = len(channels)
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+        in_channels=image_channels,
+        out_channels=image_channels,
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(arch["channels"]),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=arch["groups"],
-        sample_size=arch["size"],
+        latent_channels=latent_channels,
+        norm_num_groups=groups,
+        sample_size=sample_size,
     )
 
 
@@ -180,7 +182,8 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
             **tiny_unet_kwargs(arch),
         )
         pipe: Any = StableDiffusionPipeline(
-            vae=tiny_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
+            vae=tiny_vae(arch["channels"], arch["groups"], arch["size"]), text_encoder=text_encoder,
+            tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     pipe.save_pretrained(directory, safe_serialization=True)

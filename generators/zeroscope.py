@@ -84,7 +84,7 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
             **sd.tiny_unet_kwargs(arch),
         )
         pipe: Any = TextToVideoSDPipeline(
-            vae=sd.tiny_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=sd.tiny_scheduler(),
+            vae=sd.tiny_vae(arch["channels"], arch["groups"], arch["size"]), text_encoder=text_encoder,
+            tokenizer=tokenizer, unet=unet, scheduler=sd.tiny_scheduler(),
         )
     pipe.save_pretrained(directory, safe_serialization=True)

@@ -130,8 +130,12 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
             raise ValueError(f"{directory}: checkpoint file {name} does not match its manifest hash (corrupt copy?)")
 
 
-def checkpoint_config(path: Path, overrides: list[str] | None = None) -> tuple[AnyverseConfig, dict[str, Any]]:
-    """The resolved model config of a checkpoint (its own files as absolute paths) and its manifest."""
+BaseCheck = Callable[[dict[str, Any]], None]
+
+
+def checkpoint_config(path: Path, overrides: list[str] | None = None) -> tuple[AnyverseConfig, BaseCheck]:
+    """The resolved model config of a checkpoint (its own files as absolute paths), and the check a loaded base
+    model's fingerprint must pass before the checkpoint's weights are applied to it."""
     directory = find_checkpoint(path)
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
@@ -144,9 +148,11 @@ def checkpoint_config(path: Path, overrides: list[str] | None = None) -> tuple[A
     for override in overrides or []:
         _apply_override(data, override)
     try:
-        return AnyverseConfig.model_validate(data), manifest
+        config = AnyverseConfig.model_validate(data)
     except ValueError as err:
         raise validation_error(str(directory / CONFIG), err) from None
+    expected = manifest["base"]
+    return config, lambda actual: check_base(directory, expected, actual)
 
 
 def check_base(directory: Path, expected: dict[str, Any], actual: dict[str, Any]) -> None:

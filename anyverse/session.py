@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anyverse.checkpoint import check_base, checkpoint_config, find_checkpoint
+from anyverse.checkpoint import checkpoint_config
 from anyverse.config import AnyverseConfig, anyverse_home, load_config
 from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor
 from anyverse.devices import resolve_device, resolve_dtype
@@ -86,10 +86,8 @@ class Anyverse:
     @classmethod
     def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, **kwargs) -> Anyverse:
         """Load a training checkpoint (or a run directory's newest one) onto the base it names, verified."""
-        directory = find_checkpoint(Path(path))
-        config, manifest = checkpoint_config(directory, overrides)
-        expected = manifest["base"]
-        return cls(config, check_base=lambda actual: check_base(directory, expected, actual), **kwargs)
+        config, check = checkpoint_config(Path(path), overrides)
+        return cls(config, check_base=check, **kwargs)
 
     def _check_projectors(self) -> None:
         real = self.config.encoder.tiny is None or self.config.llm.tiny is None

@@ -4,18 +4,19 @@ feature table, rendering examples into ids/labels, and embedding a padded batch 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from anyverse.checkpoint import PROJECTORS, check_base, checkpoint_config, find_checkpoint
-from anyverse.config import AnyverseConfig, load_config
+from anyverse.checkpoint import PROJECTORS, checkpoint_config
+from anyverse.config import load_config
 from anyverse.devices import resolve_dtype
 from anyverse.encoders.imagebind import ImageBindEncoder
 from anyverse.media import MediaError, load_media
@@ -30,26 +31,21 @@ from anyverse.weights import expand
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-
-
-def model_config(config: TrainConfig) -> tuple[AnyverseConfig, dict[str, Any] | None, Path | None]:
-    """The model config a training config names (profile, YAML or checkpoint) and, for a checkpoint, its base."""
-    path = expand(config.model)
-    if path.is_dir():
-        directory = find_checkpoint(path)
-        model, manifest = checkpoint_config(directory, config.model_overrides)
-        return model, manifest["base"] or None, directory
-    return load_config(config.model, config.model_overrides), None, None
+T = TypeVar("T")
 
 
 def load_model(config: TrainConfig, device: torch.device,
                output_projectors: bool = False) -> tuple[AnyverseModel, GeneratorPool]:
-    """The model (fp32 for training) and a generator pool for conditioning specs and target encodings."""
-    model_cfg, base, directory = model_config(config)
+    """The model a training config names (profile, YAML, or a checkpoint to continue from, its base verified) in
+    fp32, and a generator pool for conditioning specs and target encodings."""
+    check = None
+    if expand(config.model).is_dir():
+        model_cfg, check = checkpoint_config(expand(config.model), config.model_overrides)
+    else:
+        model_cfg = load_config(config.model, config.model_overrides)
     dtype = resolve_dtype("fp32", device)
     pool = GeneratorPool(model_cfg.generators, device, dtype, model_cfg.runtime.generator_memory_gb)
     specs = pool.conditioning_specs() if output_projectors else {}
-    check = (lambda actual: check_base(directory, base, actual)) if base and directory else None
     model = AnyverseModel.from_config(model_cfg, device, dtype, specs, check, output_projectors=output_projectors)
     return model, pool
 
@@ -121,19 +117,17 @@ def reply_text(text: str, requests: list[RequestRecord], mode: str, model: Anyve
     parts = [text] if text else []
     for request in requests:
         if mode == "meta":
-            body = request.model_dump_json(exclude_none=True)
-            parts.append(f"{REQUEST_OPEN}{_spaced(body)}{REQUEST_CLOSE}")
+            body = json.dumps(request.model_dump(mode="json", exclude_none=True))  # spacing the system prompt shows
+            parts.append(f"{REQUEST_OPEN}{body}{REQUEST_CLOSE}")
         else:
             words = "" if request.prompt in text else request.prompt
             parts.append(words + "".join(model.llm.vocab.signal_tokens(Modality(request.modality))))
     return "\n".join(parts)
 
 
-def _spaced(body: str) -> str:
-    """``json.dumps`` spacing (what the system prompt shows), from pydantic's compact JSON."""
-    import json
-
-    return json.dumps(json.loads(body))
+def spread(items: list[T], limit: int | None) -> list[T]:
+    """At most ``limit`` items taken evenly across ``items`` (manifests are often grouped by modality)."""
+    return items[:: max(1, len(items) // limit)][:limit] if limit else items
 
 
 def render_example(model: AnyverseModel, history: list[Message], target: str, mode: str,

@@ -25,6 +25,7 @@ from anyverse.train.common import (
     render_example,
     reply_text,
     save_projectors,
+    spread,
 )
 from anyverse.train.config import TrainConfig
 from anyverse.train.manifest import PairRecord, RequestRecord, read_manifest
@@ -131,7 +132,7 @@ def decoder_retrieval(model: AnyverseModel, pool: Any, bank_manifests: list[Path
     """Recall@1 of projected conditioning against every distinct caption's target, and the mean cosine."""
     bank = distinct_pairs(bank_manifests, modalities)
     queries = distinct_pairs([eval_manifest], modalities)
-    queries = queries[:: max(1, len(queries) // limit)][:limit] if limit else queries
+    queries = spread(queries, limit)
     scores: dict[str, float] = {}
     hits_all, cos_all = [], []
     for modality in sorted({m for m, _ in queries}, key=str):

@@ -6,15 +6,25 @@ frozen-encoder table, so each file is decoded and encoded once for the whole run
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from anyverse.train.common import Example, embed_batch, load_model, next_token_loss, render_example, save_projectors
+from anyverse.train.common import (
+    Example,
+    FeatureTable,
+    embed_batch,
+    load_model,
+    next_token_loss,
+    render_example,
+    save_projectors,
+)
 from anyverse.train.config import TrainConfig
 from anyverse.train.evaluation import caption_accuracy, load_pairs
+from anyverse.train.manifest import PairRecord
 from anyverse.types import Media, Message
 
 CAPTION_INSTRUCTIONS = ("what is in {id}?", "describe {id}", "write a caption for {id}")
@@ -58,11 +68,14 @@ class EncoderAlignment(nn.Module):
         lr = self.config.optim.projector_lr or self.config.optim.lr
         return [{"params": [p for p in self.model.input_projectors.parameters() if p.requires_grad], "lr": lr}]
 
-    def evaluate(self) -> dict[str, float]:
+    @cached_property
+    def eval_pairs(self) -> tuple[list[tuple[Path, PairRecord]], FeatureTable]:
+        """Held-out pairs and their features, read and encoded once per run, not at every periodic eval."""
         assert self.config.data.eval is not None
-        pairs, features = load_pairs(self.model, self.config.data.eval, self.modalities,
-                                     limit=self.config.data.max_eval_items)
-        return caption_accuracy(self.model, pairs, features)
+        return load_pairs(self.model, self.config.data.eval, self.modalities, limit=self.config.data.max_eval_items)
+
+    def evaluate(self) -> dict[str, float]:
+        return caption_accuracy(self.model, *self.eval_pairs)
 
     def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
         return save_projectors(self.model, directory)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from anyverse.model import AnyverseModel
-from anyverse.train.common import FeatureTable
+from anyverse.train.common import FeatureTable, spread
 from anyverse.train.manifest import PairRecord, SkipReport, read_manifest, resolve
 from anyverse.types import Media, Message, Modality
 
@@ -33,7 +33,7 @@ def load_pairs(model: AnyverseModel, manifest: Path, modalities: list[Modality] 
     report = SkipReport(manifest)
     records = [(resolve(manifest, r.media), r) for r in read_manifest(manifest, PairRecord, report)
                if modalities is None or r.modality in modalities]
-    records = records[:: max(1, len(records) // limit)][:limit] if limit else records  # spread over the file
+    records = spread(records, limit)
     log.info(report.summary())
     features = FeatureTable.build(model.encoder, [(p, r.modality) for p, r in records], model.config.caps)
     kept = [(p, r) for p, r in records if features.has(p)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from anyverse.train.common import (
     render_example,
     reply_text,
     save_projectors,
+    spread,
 )
 from anyverse.train.config import TrainConfig
 from anyverse.train.decoder_alignment import SignalItem, projection_loss
@@ -47,7 +49,7 @@ def load_dialogs(model: AnyverseModel, manifest: Path, limit: int | None = None)
     """Valid dialogs ending in an assistant turn whose media encoded, with the frozen-encoder features."""
     report = SkipReport(manifest)
     records = [r for r in read_manifest(manifest, DialogRecord, report) if r.messages[-1].role == "assistant"]
-    records = records[:: max(1, len(records) // limit)][:limit] if limit else records
+    records = spread(records, limit)
     log.info(report.summary())
     files = [(resolve(manifest, ref.media), ref.modality) for r in records for t in r.messages for ref in t.media]
     features = FeatureTable.build(model.encoder, files, model.config.caps)
@@ -135,12 +137,16 @@ class InstructionTuning(nn.Module):
         groups = [{"params": projectors, "lr": self.config.optim.projector_lr or self.config.optim.lr}]
         return groups + ([{"params": llm, "lr": self.config.optim.lr}] if llm else [])
 
+    @cached_property
+    def eval_dialogs(self) -> list[Dialog]:
+        """Held-out dialogs, read and encoded once per run, not at every periodic eval."""
+        assert self.config.data.eval is not None
+        return load_dialogs(self.model, self.config.data.eval, self.config.data.max_eval_items)[0]
+
     def evaluate(self) -> dict[str, float]:
         from anyverse.train.evaluation import routing_accuracy
 
-        assert self.config.data.eval is not None
-        dialogs, _ = load_dialogs(self.model, self.config.data.eval, self.config.data.max_eval_items)
-        return routing_accuracy(self.model, dialogs, self.config.output_modes)
+        return routing_accuracy(self.model, self.eval_dialogs, self.config.output_modes)
 
     def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
         written = save_projectors(self.model, directory)

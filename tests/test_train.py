@@ -390,3 +390,18 @@ def test_resuming_a_finished_run_does_nothing(runs: Runs, monkeypatch: pytest.Mo
     assert (out / "metrics.jsonl").read_bytes() == before
     assert (checkpoint / "manifest.json").stat().st_mtime_ns == stamp
     assert [p.name for p in out.glob("step-*")] == [checkpoint.name]
+
+
+def test_the_cached_system_prompt_gives_the_loss_of_the_full_sequence(world: Path, tmp_path: Path) -> None:
+    from anyverse.train.common import embed_batch, next_token_loss
+    from anyverse.train.config import load_train_config
+    from anyverse.train.encoder_alignment import EncoderAlignment
+
+    config = write_config(tmp_path / "ea.yaml", "encoder-alignment", world / "pairs-train.jsonl", tmp_path / "out")
+    recipe = EncoderAlignment(load_train_config(config), torch.device("cpu")).train()
+    batch = recipe.items[::7][:6]  # mixed modalities, ragged lengths
+    assert 100 < recipe.prefix.length < min(len(e.ids) for e in batch)
+    embeds, mask, labels = embed_batch(recipe.model, batch, recipe.features)
+    full = next_token_loss(recipe.model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
+    cached, _ = recipe(batch)
+    torch.testing.assert_close(cached, full)

@@ -146,17 +146,20 @@ def render_example(model: AnyverseModel, history: list[Message], target: str, mo
     return Example(ids=ids, labels=labels, slots=context.slots, signals=signals)
 
 
-def embed_batch(model: AnyverseModel, examples: list[Example],
-                features: FeatureTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded [B, L, D] embeddings with projected soft tokens in the media slots, attention mask, labels."""
+def embed_batch(model: AnyverseModel, examples: list[Example], features: FeatureTable,
+                skip: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded [B, L, D] embeddings with projected soft tokens in the media slots, attention mask, labels,
+    of each example's ids after the first ``skip`` (a shared prefix whose keys/values are cached)."""
     device = model.llm.model.get_input_embeddings().weight.device
-    length = max(len(e.ids) for e in examples)
+    rows = [e.ids[skip:] for e in examples]
+    length = max(len(r) for r in rows)
     pad = model.llm.tokenizer.pad_token_id
-    ids = torch.tensor([e.ids + [pad] * (length - len(e.ids)) for e in examples], device=device)
-    mask = torch.tensor([[1] * len(e.ids) + [0] * (length - len(e.ids)) for e in examples], device=device)
-    labels = torch.tensor([e.labels + [IGNORE] * (length - len(e.ids)) for e in examples], device=device)
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
+    labels = torch.tensor([e.labels[skip:] + [IGNORE] * (length - len(r)) for e, r in zip(examples, rows, strict=True)],
+                          device=device)
     embeds = model.llm.input_embeddings(ids)
-    slots = [(b, media, start, k) for b, e in enumerate(examples) for media, start, k in e.slots]
+    slots = [(b, media, start - skip, k) for b, e in enumerate(examples) for media, start, k in e.slots]
     if slots:
         embeds = embeds.clone()
         for modality in {media.modality for _, media, _, _ in slots}:
@@ -167,6 +170,37 @@ def embed_batch(model: AnyverseModel, examples: list[Example],
             for (b, _, start, k), soft in zip(mine, projected, strict=True):
                 embeds[b, start : start + k] = soft
     return embeds, mask, labels
+
+
+class FrozenPrefix:
+    """Keys and values of the ids every example starts with (system prompt, chat header), computed once by the
+    frozen LLM, so that each step runs the LLM over the rest only: with a 200-token system prompt before a
+    30-token caption turn, that is most of an encoder-alignment step. Valid only while the LLM does not train."""
+
+    def __init__(self, model: AnyverseModel, examples: list[Example]):
+        first = examples[0].ids
+        length = len(first) - 1
+        for example in examples:
+            ends = [len(example.ids) - 1, *(start for _, start, _ in example.slots),
+                    next(i for i, label in enumerate([*example.labels, 0]) if label != IGNORE)]
+            length = min(length, *ends)
+            while example.ids[:length] != first[:length]:
+                length -= 1
+        self.length = length
+        ids = torch.tensor([first[:length]], device=model.llm.model.get_input_embeddings().weight.device)
+        with torch.no_grad():
+            cache = model.llm.model(input_ids=ids, use_cache=True).past_key_values
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def __call__(self, model: AnyverseModel, embeds: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> Any:
+        """The LLM's output over ``embeds`` (ids after the prefix, from ``embed_batch(..., skip=length)``) as if the
+        prefix came first."""
+        from transformers import DynamicCache
+
+        batch = embeds.shape[0]
+        cache = DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers])
+        mask = torch.cat([mask.new_ones(batch, self.length), mask], dim=1)
+        return model.llm.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, **kwargs)
 
 
 def conditioning_targets(pool: GeneratorPool, modality: Modality, prompts: list[str]) -> dict[str, torch.Tensor]:

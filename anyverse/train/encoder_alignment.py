@@ -1,7 +1,8 @@
 """Stage 1, encoder alignment: input projectors learn to caption media for a frozen LLM (encoder frozen too).
 
 Loss: caption cross-entropy on media-caption pairs, as NExT-GPT's encoder-side stage. Features come from the
-frozen-encoder table, so each file is decoded and encoded once for the whole run.
+frozen-encoder table, so each file is decoded and encoded once for the whole run, and the shared system prompt's
+keys/values are computed once, so each step runs the frozen LLM over the caption turn only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from anyverse.train.common import (
     Example,
     FeatureTable,
+    FrozenPrefix,
     embed_batch,
     load_model,
     next_token_loss,
@@ -50,6 +52,7 @@ class EncoderAlignment(nn.Module):
         self.items = [render_example(self.model, caption_history(self.features.media[path], i), record.caption,
                                      self.model.config.output.mode)
                       for i, (path, record) in enumerate(self.pairs)]
+        self.prefix = FrozenPrefix(self.model, self.items)
 
     def train(self, mode: bool = True) -> EncoderAlignment:
         super().train(mode)
@@ -60,8 +63,8 @@ class EncoderAlignment(nn.Module):
         return items
 
     def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
-        embeds, mask, labels = embed_batch(self.model, batch, self.features)
-        logits = self.model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits
+        embeds, mask, labels = embed_batch(self.model, batch, self.features, skip=self.prefix.length)
+        logits = self.prefix(self.model, embeds, mask).logits
         return next_token_loss(logits, labels), {}
 
     def param_groups(self) -> list[dict[str, Any]]:

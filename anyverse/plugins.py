@@ -3,7 +3,8 @@
 Built-in generators are found exactly like third-party ones: through the ``anyverse.generators`` entry-point group
 (see pyproject.toml). ``register_generator`` adds classes programmatically (tests, notebooks). ``DiffusersRuntime``
 holds what the diffusers-backed built-ins share; they use it by composition through the ``DiffusersGenerator`` base,
-and third-party plugins may too.
+and third-party plugins may too. ``Denoiser`` is the optional part of a generator that decoder alignment's denoising
+loss needs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from anyverse.config import GeneratorConfig, TinySpec
-from anyverse.types import GenerationOptions, MediaRequest, Modality
+from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
 from anyverse.weights import collect_missing, component_dir
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,11 @@ class GeneratedMedia:
 
 @runtime_checkable
 class Generator(Protocol):
-    """What a generator plugin implements. Construction is cheap and validates options; weights load lazily."""
+    """What a generator plugin implements. Construction is cheap and validates options; weights load lazily.
+
+    Optional: ``denoising_loss`` (see ``Denoiser``), for training output projectors through the generator itself.
+    It is a protocol of its own so that ``isinstance(x, Generator)`` still holds for plugins without it.
+    """
 
     name: ClassVar[str]
     modality: ClassVar[Modality]
@@ -80,6 +86,17 @@ class Generator(Protocol):
         ...
 
     def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia: ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """The optional generator method behind decoder alignment's ``loss.denoise`` (NExT-GPT / GILL style)."""
+
+    def denoising_loss(self, conditioning: dict[str, torch.Tensor], media: list[Media]) -> torch.Tensor:
+        """The diffusion training loss of the frozen generator on ``media`` (one per batch row), conditioned on
+        ``conditioning`` (``encode_prompts``' names and shapes); a scalar whose gradient reaches only
+        ``conditioning``."""
+        ...
 
 
 # ---------------------------------------------------------------- registry
@@ -206,6 +223,7 @@ class DiffusersRuntime(Generic[DiffusionOptionsT]):
         self.options_class = options
         self.defaults = validate_options(options, config.options, self.plugin)
         self.pipe: Any = None
+        self._noise_scheduler: Any = None
         self._pipeline_class = pipeline_class
         self._build_tiny = build_tiny
         self._usual_weights = usual_weights
@@ -272,7 +290,7 @@ class DiffusersRuntime(Generic[DiffusionOptionsT]):
     def unload(self) -> None:
         if self.pipe is None:
             return
-        self.pipe = None
+        self.pipe = self._noise_scheduler = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -334,6 +352,55 @@ class DiffusersRuntime(Generic[DiffusionOptionsT]):
         else:
             raise ValueError(f"{self.plugin}: the request has neither a prompt nor conditioning tensors")
         return {name: value for name, value in kwargs.items() if value is not None}
+
+    # -- training through the frozen generator
+
+    def vae_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of VAE input [N, C, H, W] (already in the VAE's range), as the pipeline's latents are
+        before it decodes them. The posterior sample uses the global CPU RNG, which checkpoints save, so a resumed
+        run draws the same; no graph is kept (the VAE is frozen)."""
+        vae = self.pipeline().vae
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(self.execution_device, self.dtype)).latent_dist
+            noise = torch.randn(posterior.mean.shape).to(posterior.mean)
+            return (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
+
+    def denoising_loss(self, latents: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        """Standard diffusion training loss: noise ``latents`` at timesteps drawn uniformly over the schedule's
+        training range, let the frozen UNet predict from them with ``conditioning`` as its keyword arguments, and
+        return the MSE to the target its ``prediction_type`` names. Gradients reach only ``conditioning``."""
+        rows = {name: value.shape[0] for name, value in conditioning.items()}
+        if set(rows.values()) != {latents.shape[0]}:
+            raise ValueError(f"{self.plugin}: conditioning needs one row per media item ({latents.shape[0]}); got "
+                             f"{rows}")
+        pipe = self.pipeline()
+        pipe.unet.requires_grad_(False)  # it is frozen: the backward pass must not fill (and keep) its .grad
+        scheduler = self.noise_scheduler()
+        device = latents.device
+        steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).to(device)
+        noise = torch.randn(latents.shape).to(latents)
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, steps)
+        elif kind == "sample":
+            target = latents
+        else:
+            raise ValueError(f"{self.plugin}: cannot train against prediction_type {kind!r}")
+        inputs = {name: value.to(device, self.dtype if value.is_floating_point() else value.dtype)
+                  for name, value in conditioning.items()}
+        prediction = pipe.unet(scheduler.add_noise(latents, noise, steps), steps, **inputs, return_dict=False)[0]
+        return F.mse_loss(prediction.float(), target.float())
+
+    def noise_scheduler(self) -> Any:
+        """A DDPM scheduler on the pipeline scheduler's config (betas, training steps, prediction type), as diffusers'
+        training scripts use: it adds noise at any training timestep, which inference-only schedulers may not."""
+        if self._noise_scheduler is None:
+            from diffusers import DDPMScheduler
+
+            self._noise_scheduler = DDPMScheduler.from_config(self.pipeline().scheduler.config)
+        return self._noise_scheduler
 
 
 class DiffusersGenerator(Generator, Generic[DiffusionOptionsT]):

@@ -3,15 +3,20 @@
 Bypassing text needs both sequences the UNet cross-attends to: the Flan-T5 states (``prompt_embeds``) and the GPT-2
 states generated from CLAP + T5 (``generated_prompt_embeds``). A single CLAP vector (NExT-GPT's AudioLDM-1 route) is
 not enough here.
+
+The denoising loss feeds the VAE what AudioLDM's VAE and HiFi-GAN vocoder were trained on: a natural-log mel
+magnitude spectrogram [B, 1, frames, mel bins] at the vocoder's sample rate, one frame per vocoder hop.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from anyverse.config import GeneratorConfig, TinySpec
 from anyverse.plugins import (
@@ -22,7 +27,7 @@ from anyverse.plugins import (
     check_source,
     tiny_arch,
 )
-from anyverse.types import GenerationOptions, MediaRequest, Modality
+from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
 
 T5_LENGTH = (("tokenizer_2/tokenizer_config.json", "model_max_length"), ("text_encoder_2/config.json", "n_positions"))
 
@@ -67,6 +72,32 @@ class AudioLDM2Generator(DiffusersGenerator[AudioLDM2Options]):
             "generated_prompt_embeds": generated,
         }
 
+    def denoising_loss(self, conditioning: dict[str, torch.Tensor], media: list[Media]) -> torch.Tensor:
+        """The configured length (else the pipeline's default) from each file's start, as a log-mel spectrogram the
+        VAE encodes; the UNet gets the GPT-2 states and the T5 states with their mask, as the pipeline passes them
+        (an all-ones mask where none is given, as the pipeline assumes for caller-given embeddings)."""
+        from anyverse.media import decode_audio_clips
+
+        from .stable_diffusion import DECODE_CAPS
+
+        runtime = self._runtime
+        pipe = runtime.pipeline()
+        vocoder = pipe.vocoder.config
+        hop, rate = math.prod(vocoder.upsample_rates), vocoder.sampling_rate
+        factor, scale = hop / rate, pipe.vae_scale_factor  # seconds per mel frame; mel frames per latent row
+        seconds = runtime.defaults.seconds or pipe.unet.config.sample_size * scale * factor
+        frames = math.ceil(int(seconds / factor) / scale) * scale  # as AudioLDM2Pipeline.__call__ rounds
+        clips = np.concatenate([decode_audio_clips(m, DECODE_CAPS, 1, frames * hop / rate, rate) for m in media])
+        mel = log_mel(torch.from_numpy(clips), rate, hop, vocoder.model_in_dim)
+        embeds = conditioning["prompt_embeds"]
+        mask = conditioning.get("attention_mask")
+        return runtime.denoising_loss(
+            runtime.vae_latents(mel),
+            encoder_hidden_states=conditioning["generated_prompt_embeds"],
+            encoder_hidden_states_1=embeds,
+            encoder_attention_mask_1=torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask,
+        )
+
     def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
         check_source(self, source)
         options = self._runtime.options(request)
@@ -75,6 +106,28 @@ class AudioLDM2Generator(DiffusersGenerator[AudioLDM2Options]):
         audio = np.asarray(pipe(**kwargs).audios[0], dtype=np.float32)
         # a vocoder may overshoot; writing PCM would clip there anyway
         return GeneratedMedia(Modality.AUDIO, np.clip(audio, -1.0, 1.0), sample_rate=pipe.vocoder.config.sampling_rate)
+
+
+def log_mel(waveforms: torch.Tensor, sample_rate: int, hop: int, bins: int) -> torch.Tensor:
+    """Waveforms [B, N] as AudioLDM's VAE input [B, 1, N // hop, bins], computed as its training data were: each
+    waveform made zero-mean with peak 0.5; a Hann-window STFT with AudioLDM's window/hop ratio (1024/160 at 16 kHz),
+    reflect-padded and uncentred so frame i covers hop i; magnitudes through Slaney mel filters (librosa's default)
+    from 0 Hz to Nyquist; then HiFi-GAN's log compression, ln(max(x, 1e-5))."""
+    from transformers.audio_utils import mel_filter_bank
+
+    waveforms = waveforms.float()
+    waveforms = waveforms - waveforms.mean(dim=1, keepdim=True)
+    waveforms = 0.5 * waveforms / (waveforms.abs().amax(dim=1, keepdim=True) + 1e-8)
+    n_fft = 2 ** round(math.log2(hop * 6.4))
+    left = (n_fft - hop) // 2
+    padded = F.pad(waveforms[:, None], (left, n_fft - hop - left), mode="reflect")[:, 0]
+    magnitude = torch.stft(padded, n_fft, hop_length=hop, window=torch.hann_window(n_fft), center=False,
+                           return_complex=True).abs()  # [B, n_fft // 2 + 1, N // hop]
+    filters = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=bins, min_frequency=0.0,
+                              max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm="slaney",
+                              mel_scale="slaney")
+    mel = torch.from_numpy(filters.T).float() @ magnitude
+    return torch.log(mel.clamp(min=1e-5)).transpose(1, 2)[:, None]
 
 
 TINY_ARCH: dict[str, Any] = {

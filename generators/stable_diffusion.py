@@ -1,7 +1,7 @@
 """Stable Diffusion as the image generator: a text prompt or CLIP-sized prompt embeddings in, one image out.
 
 An existing image is varied through img2img with the same weights (no second copy). Zeroscope shares this file's
-CLIP conditioning and tiny VAE, since its architecture is SD's text encoder and VAE around a 3-D UNet.
+CLIP conditioning, VAE input and tiny VAE, since its architecture is SD's text encoder and VAE around a 3-D UNet.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from anyverse.config import GeneratorConfig, TinySpec
+from anyverse.config import Caps, GeneratorConfig, TinySpec
 from anyverse.plugins import (
     DiffusersGenerator,
     DiffusersRuntime,
@@ -22,7 +22,7 @@ from anyverse.plugins import (
     check_source,
     tiny_arch,
 )
-from anyverse.types import GenerationOptions, MediaRequest, Modality
+from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
 
 if TYPE_CHECKING:  # diffusers and transformers load on first use, so discovering plugins stays fast
     from diffusers import AutoencoderKL, DDIMScheduler
@@ -55,6 +55,15 @@ class StableDiffusionGenerator(DiffusersGenerator[StableDiffusionOptions]):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return encode_clip_prompts(self._runtime, prompts)
 
+    def denoising_loss(self, conditioning: dict[str, torch.Tensor], media: list[Media]) -> torch.Tensor:
+        """Images resized to the configured generation size, encoded by the VAE, denoised as the pipeline does."""
+        from anyverse.media import decode_image
+
+        size = generation_size(self._runtime)
+        pixels = torch.cat([vae_pixels(np.asarray(decode_image(m, DECODE_CAPS))[None], size) for m in media])
+        latents = self._runtime.vae_latents(pixels)
+        return self._runtime.denoising_loss(latents, encoder_hidden_states=conditioning["prompt_embeds"])
+
     def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
         check_source(self, source)
         options = self._runtime.options(request)
@@ -80,9 +89,12 @@ class StableDiffusionGenerator(DiffusersGenerator[StableDiffusionOptions]):
         return self._img2img
 
 
-def _resized(image: np.ndarray, height: int | None, width: int | None) -> torch.Tensor:
-    """Source image [H,W,3] in [0,1] as a [1,3,h,w] tensor at the requested size (its own size where unset)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+def _resized(images: np.ndarray, height: int | None, width: int | None) -> torch.Tensor:
+    """Images [H,W,3] or [N,H,W,3] in [0,1] (uint8: 0-255) as a [N,3,h,w] tensor in [0,1] at the requested size
+    (their own size where unset)."""
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
+    array = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, *images.shape[-3:]) / scale
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
     size = (height or tensor.shape[2], width or tensor.shape[3])
     if size != tuple(tensor.shape[2:]):
         tensor = torch.nn.functional.interpolate(tensor, size=size, mode="bicubic", antialias=True, align_corners=False)
@@ -90,6 +102,22 @@ def _resized(image: np.ndarray, height: int | None, width: int | None) -> torch.
 
 
 # ---------------------------------------------------------------- shared with zeroscope
+
+# Training media were checked against the run's caps when loaded; decoding them again only needs the defaults.
+DECODE_CAPS = Caps()
+
+
+def generation_size(runtime: DiffusersRuntime[Any]) -> tuple[int, int]:
+    """(height, width) the pipeline generates at: the configured options, else its UNet's sample size in pixels."""
+    pipe = runtime.pipeline()
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return runtime.defaults.height or default, runtime.defaults.width or default
+
+
+def vae_pixels(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Images [N,H,W,3] (float in [0,1] or uint8) as VAE input: [N,3,h,w] in [-1,1] at ``size``."""
+    return _resized(images, *size) * 2.0 - 1.0
+
 
 
 def clip_conditioning_spec(runtime: DiffusersRuntime[Any]) -> dict[str, tuple[int, int]]:

@@ -4,6 +4,7 @@ with a 3-D UNet."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ from anyverse.plugins import (
     check_source,
     tiny_arch,
 )
-from anyverse.types import GenerationOptions, MediaRequest, Modality
+from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
 
 from . import stable_diffusion as sd
 
@@ -46,24 +47,41 @@ class ZeroscopeGenerator(DiffusersGenerator[ZeroscopeOptions]):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return sd.encode_clip_prompts(self._runtime, prompts)
 
+    def denoising_loss(self, conditioning: dict[str, torch.Tensor], media: list[Media]) -> torch.Tensor:
+        """The configured frame count at the configured fps from each video's start, resized to the generation size
+        and VAE-encoded frame by frame (as the pipeline decodes), then denoised as latents [B, C, F, h, w]."""
+        from anyverse.media import decode_video_clips
+
+        runtime = self._runtime
+        fps = runtime.defaults.fps
+        frames = _frame_count([runtime.defaults], fps)
+        if frames is None:
+            frames = inspect.signature(runtime.pipeline().__call__).parameters["num_frames"].default
+        size = sd.generation_size(runtime)
+        clips = [decode_video_clips(m, sd.DECODE_CAPS, 1, frames, frames / fps, max(size))[0] for m in media]
+        latents = torch.stack([runtime.vae_latents(sd.vae_pixels(clip, size)) for clip in clips]).transpose(1, 2)
+        return runtime.denoising_loss(latents, encoder_hidden_states=conditioning["prompt_embeds"])
+
     def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
         check_source(self, source)
         options = self._runtime.options(request)
-        frames = self._frame_count(request, options.fps)
+        frames = _frame_count([request.options, self._runtime.defaults], options.fps)
         kwargs = self._runtime.call_kwargs(
             self, request, options, height=options.height, width=options.width, num_frames=frames
         )
         video = self._runtime.pipeline()(**kwargs).frames[0]  # batch-indexed since diffusers 0.26
         return GeneratedMedia(Modality.VIDEO, np.asarray(video, dtype=np.float32), fps=options.fps)
 
-    def _frame_count(self, request: MediaRequest, fps: int) -> int | None:
-        """The request before the config; within each, ``frames`` before ``seconds`` at ``fps``."""
-        for source in (request.options, self._runtime.defaults):
-            if source.frames is not None:
-                return source.frames
-            if source.seconds is not None:
-                return max(1, round(source.seconds * fps))
-        return None
+
+def _frame_count(sources: list[GenerationOptions], fps: int) -> int | None:
+    """The first of ``sources`` that sets a length (the request before the config); within each, ``frames``
+    before ``seconds`` at ``fps``. None: the pipeline's default."""
+    for source in sources:
+        if source.frames is not None:
+            return source.frames
+        if source.seconds is not None:
+            return max(1, round(source.seconds * fps))
+    return None
 
 
 def build_tiny(directory: Path, spec: TinySpec) -> None:

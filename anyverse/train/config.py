@@ -36,11 +36,13 @@ class OptimConfig(Strict):
 
 
 class LossConfig(Strict):
-    """Decoder-side weights. ``l2`` is NExT-GPT's per-token Euclidean distance, averaged; ``cosine`` is 1 - cos."""
+    """Decoder-side weights. ``l2`` is NExT-GPT's per-token Euclidean distance, averaged; ``cosine`` is 1 - cos;
+    ``denoise`` is the generator's own diffusion loss on the caption's media (NExT-GPT / GILL)."""
 
     lm: float = Field(default=1.0, ge=0)
     l2: float = Field(default=1.0, ge=0)
     cosine: float = Field(default=0.0, ge=0)
+    denoise: float = Field(default=0.0, ge=0, description="decoder alignment: weight of the denoising loss")
 
 
 class TrainConfig(Strict):
@@ -70,8 +72,8 @@ class TrainConfig(Strict):
     def _possible(self) -> TrainConfig:
         if self.stage == "instruction-tuning" and not self.output_modes:
             raise ValueError("output_modes: instruction tuning needs at least one of meta, signal")
-        if self.stage == "decoder-alignment" and self.loss.l2 + self.loss.cosine == 0:
-            raise ValueError("loss: decoder alignment needs l2 or cosine > 0 (the LM loss alone trains nothing)")
+        if self.stage == "decoder-alignment" and self.loss.l2 + self.loss.cosine + self.loss.denoise == 0:
+            raise ValueError("loss: decoder alignment needs l2, cosine or denoise > 0 (LM loss alone trains nothing)")
         bad = [m.value for m in self.modalities or [] if m == Modality.TEXT]
         if bad:
             raise ValueError("modalities: text has no projector")

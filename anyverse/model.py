@@ -105,7 +105,7 @@ class AnyverseModel(nn.Module):
             for m in INPUT_MODALITIES
         })
         outputs = nn.ModuleDict({
-            m.value: OutputProjector(llm.hidden_size, spec, config.output_projector)
+            m.value: OutputProjector(llm.hidden_size, config.output.signal_tokens[m], spec, config.output_projector)
             for m, spec in conditioning_specs.items()
             if (config.output.mode == "signal" if output_projectors is None else output_projectors)
         })

@@ -59,12 +59,19 @@ class OutputProjector(nn.Module):
 
     ``spec`` is the generator's declared conditioning, name -> (sequence length, width); e.g. SD 1.5 gives
     ``{"prompt_embeds": (77, 768)}`` and AudioLDM-2 gives two entries. Learned queries, one per output position.
+
+    Signal states are standardised per position and feature with statistics of training data (``standardize``):
+    an LLM's last-layer states share a large constant part, and what differs between prompts is a few percent of
+    their norm; unscaled, the projector must grow huge weights to see it (toy world: 8000 steps to 0.83 retrieval,
+    vs 250 steps to 1.0 standardised).
     """
 
-    def __init__(self, llm_dim: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
+    def __init__(self, llm_dim: int, num_signal: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
         super().__init__()
         d = cfg.d_model
         self.spec = dict(spec)
+        self.register_buffer("state_mean", torch.zeros(num_signal, llm_dim))
+        self.register_buffer("state_std", torch.ones(num_signal, llm_dim))
         self.inp = nn.Linear(llm_dim, d)
         layer_args: dict[str, Any] = {"dropout": 0.0, "batch_first": True, "norm_first": True}
         self.encoder = (
@@ -82,9 +89,17 @@ class OutputProjector(nn.Module):
         self.queries = nn.ParameterDict({n: nn.Parameter(torch.randn(s, d) * 0.02) for n, (s, _) in spec.items()})
         self.heads = nn.ModuleDict({n: nn.Linear(d, width) for n, (_, width) in spec.items()})
 
+    @torch.no_grad()
+    def standardize(self, signal_states: torch.Tensor) -> None:
+        """Set the input statistics from training signal states [N, n_signal, llm_dim]; a feature that hardly
+        varies is floored at 1% of the mean spread, so it cannot blow up."""
+        std = signal_states.float().std(dim=0, unbiased=False)
+        self.state_mean.copy_(signal_states.float().mean(dim=0))
+        self.state_std.copy_(std.clamp_min(0.01 * std.mean().item() + 1e-6))
+
     def forward(self, signal_states: torch.Tensor) -> dict[str, torch.Tensor]:
         """``signal_states`` [B, n_signal, llm_dim] -> {name: [B, seq, width]}."""
-        memory = self.inp(signal_states)
+        memory = self.inp((signal_states - self.state_mean) / self.state_std)
         if self.encoder is not None:
             memory = self.encoder(memory)
         batch = signal_states.shape[0]

@@ -1,12 +1,16 @@
 """Stage 2, decoder alignment: output projectors map the signal tokens' hidden states to each generator's own
-text conditioning of the caption (NExT-GPT's decoder-side stage; L2 and/or cosine loss).
+text conditioning of the caption (NExT-GPT's decoder-side stage; L2 and/or cosine loss), optionally also through
+the frozen generator itself: its denoising loss on the caption's media (``loss.denoise``, as NExT-GPT and GILL).
 
 The LLM is frozen, so the signal states of every caption are computed once up front; an epoch is then only the
-projectors' forward and backward. Targets come from the generator's text encoder (never hard-coded 77x768).
+projectors' forward and backward (plus the generators' VAE and UNet for the denoising loss). Targets come from the
+generator's text encoder (never hard-coded 77x768).
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anyverse.media import MediaError, load_media
 from anyverse.model import AnyverseModel
+from anyverse.plugins import Denoiser
 from anyverse.train.common import (
     FeatureTable,
     conditioning_targets,
@@ -28,8 +34,10 @@ from anyverse.train.common import (
     spread,
 )
 from anyverse.train.config import TrainConfig
-from anyverse.train.manifest import PairRecord, RequestRecord, read_manifest
-from anyverse.types import OUTPUT_MODALITIES, Message, Modality
+from anyverse.train.manifest import PairRecord, RequestRecord, read_manifest, resolve
+from anyverse.types import OUTPUT_MODALITIES, Media, Message, Modality
+
+log = logging.getLogger(__name__)
 
 INSTRUCTIONS = {Modality.IMAGE: "draw {}", Modality.VIDEO: "make a video of {}", Modality.AUDIO: "play {}"}
 
@@ -67,16 +75,42 @@ def distinct_pairs(manifests: list[Path], modalities: set[Modality]) -> list[tup
     return list(found)
 
 
+def caption_media(manifest: Path, modalities: set[Modality]) -> dict[tuple[Modality, str], list[Path]]:
+    """The files of each (modality, caption) in ``manifest`` (paths only: no media is read)."""
+    found: dict[tuple[Modality, str], list[Path]] = {}
+    for record in read_manifest(manifest, PairRecord):
+        if record.modality in modalities:
+            found.setdefault((record.modality, record.caption), []).append(resolve(manifest, record.media))
+    return found
+
+
+Projected = list[tuple[Modality, list[SignalItem], dict[str, torch.Tensor]]]
+
+
+def project(model: AnyverseModel, items: list[SignalItem]) -> Projected:
+    """Each modality's items (in a fixed modality order, so random draws per modality repeat) with their projected
+    conditioning, name -> [n, length, width]."""
+    groups: Projected = []
+    for modality in sorted({item.modality for item in items}):
+        mine = [item for item in items if item.modality == modality]
+        groups.append((modality, mine, model.output_projectors[modality.value](torch.stack([i.states for i in mine]))))
+    return groups
+
+
 def projection_loss(model: AnyverseModel, items: list[SignalItem], targets: dict[tuple[Modality, str], Any],
                     l2: float, cosine: float) -> torch.Tensor:
     """Weighted L2 + (1 - cos) between projected signal states and the generator conditioning, per modality."""
+    return _projection_loss(project(model, items), targets, l2, cosine)
+
+
+def _projection_loss(groups: Projected, targets: dict[tuple[Modality, str], Any], l2: float,
+                     cosine: float) -> torch.Tensor:
     total = torch.zeros(())
-    for modality in {item.modality for item in items}:
-        mine = [item for item in items if item.modality == modality]
-        predicted = model.output_projectors[modality.value](torch.stack([item.states for item in mine]))
+    count = sum(len(mine) for _, mine, _ in groups)
+    for modality, mine, predicted in groups:
         for name, value in predicted.items():
             target = torch.stack([targets[(modality, item.caption)][name] for item in mine]).to(value.device)
-            total = total + len(mine) / len(items) * (
+            total = total + len(mine) / count * (
                 l2 * l2_distance(value, target)
                 + cosine * (1 - F.cosine_similarity(value, target, dim=-1)).mean())
     return total
@@ -95,8 +129,18 @@ class DecoderAlignment(nn.Module):
         self.modalities = sorted({m for m, _ in pairs}, key=str)
         for modality in self.modalities:
             self.model.output_projectors[modality.value].requires_grad_(True)
+        self.media_paths: dict[tuple[Modality, str], list[Path]] = {}
+        self.media: dict[tuple[Modality, str], list[Media]] = {}  # readable files, loaded on first use
+        self.skipped: Counter[str] = Counter()
+        if config.loss.denoise > 0:
+            for modality in self.modalities:
+                self.denoiser(modality)  # a plugin without denoising_loss fails here, before any step
+            self.media_paths = caption_media(config.data.train, set(self.modalities))
         self.targets = self.encode_targets(pairs)
         self.items = signal_items(self.model, pairs)
+        for modality in self.modalities:  # the frozen LLM's states of this data fix the projectors' input scaling
+            self.model.output_projectors[modality.value].standardize(
+                torch.stack([item.states for item in self.items if item.modality == modality]))
 
     def encode_targets(self, pairs: list[tuple[Modality, str]]) -> dict[tuple[Modality, str], dict[str, Any]]:
         targets: dict[tuple[Modality, str], dict[str, Any]] = {}
@@ -111,8 +155,51 @@ class DecoderAlignment(nn.Module):
         return items
 
     def forward(self, batch: list[SignalItem]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = projection_loss(self.model, batch, self.targets, self.config.loss.l2, self.config.loss.cosine)
-        return loss, {}
+        weights = self.config.loss
+        groups = project(self.model, batch)
+        loss = _projection_loss(groups, self.targets, weights.l2, weights.cosine)
+        if weights.denoise == 0:
+            return loss, {}
+        denoise = self.denoising_loss(groups)
+        return loss + weights.denoise * denoise, {"denoise_loss": denoise.item()}
+
+    def denoiser(self, modality: Modality) -> Denoiser:
+        generator = self.pool.get(modality)
+        if not isinstance(generator, Denoiser):
+            raise ValueError(f"generator plugin {generator.name} has no denoising_loss; set loss.denoise=0")
+        return generator
+
+    def denoising_loss(self, groups: Projected) -> torch.Tensor:
+        """Each generator's diffusion loss on a file of each item's caption, conditioned on the item's projection,
+        weighted by items per modality. Items whose caption has no readable file do not count (zero if none has)."""
+        parts: list[tuple[int, torch.Tensor]] = []
+        for modality, mine, projected in groups:
+            rows = [(i, media) for i, item in enumerate(mine) if (media := self.pick_media(modality, item.caption))]
+            if rows:
+                index = torch.tensor([i for i, _ in rows])
+                conditioning = {name: value[index.to(value.device)] for name, value in projected.items()}
+                loss = self.denoiser(modality).denoising_loss(conditioning, [media for _, media in rows])
+                parts.append((len(rows), loss))
+        count = sum(n for n, _ in parts)
+        return sum((n / count * loss for n, loss in parts), torch.zeros(()))
+
+    def pick_media(self, modality: Modality, caption: str) -> Media | None:
+        """A readable file of the caption, drawn at random when it has several. The caption's files are loaded
+        (checked and hashed) on first use; unreadable ones are skipped, counted and logged."""
+        key = (modality, caption)
+        if key not in self.media:
+            self.media[key] = []
+            for path in self.media_paths.get(key, []):
+                try:
+                    self.media[key].append(load_media(path, self.model_config.caps))
+                except MediaError as err:
+                    self.skipped[str(err).split(":")[-1].strip()[:80]] += 1
+                    log.warning("denoising loss: skipping %s (%d files so far: %s)", err, self.skipped.total(),
+                                dict(self.skipped))
+        found = self.media[key]
+        if len(found) > 1:
+            return found[int(torch.randint(len(found), ()))]
+        return found[0] if found else None
 
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.config.optim.projector_lr or self.config.optim.lr

@@ -66,6 +66,9 @@ class OutputProjector(nn.Module):
     vs 250 steps to 1.0 standardised).
     """
 
+    state_mean: torch.Tensor
+    state_std: torch.Tensor
+
     def __init__(self, llm_dim: int, num_signal: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
         super().__init__()
         d = cfg.d_model

@@ -13,7 +13,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import nn
 from anyverse.media import MediaError, load_media
 from anyverse.model import AnyverseModel
 from anyverse.plugins import Denoiser
+from anyverse.projectors import OutputProjector
 from anyverse.train.common import (
     FeatureTable,
     conditioning_targets,
@@ -139,7 +140,7 @@ class DecoderAlignment(nn.Module):
         self.targets = self.encode_targets(pairs)
         self.items = signal_items(self.model, pairs)
         for modality in self.modalities:  # the frozen LLM's states of this data fix the projectors' input scaling
-            self.model.output_projectors[modality.value].standardize(
+            cast(OutputProjector, self.model.output_projectors[modality.value]).standardize(
                 torch.stack([item.states for item in self.items if item.modality == modality]))
 
     def encode_targets(self, pairs: list[tuple[Modality, str]]) -> dict[tuple[Modality, str], dict[str, Any]]:

@@ -22,6 +22,7 @@ assert names["zeroscope"].load().__module__ == "anyverse.generators.zeroscope"
 assert (resources.files("anyverse.prompts") / "v1" / "system_meta.md").is_file()
 assert (resources.files("anyverse.profiles") / "tiny.yaml").is_file()
 assert resources.files("anyverse.datasets").is_dir()
+assert (resources.files("anyverse.train.configs") / "accelerate" / "fsdp.yaml").is_file()
 print("ok")
 """
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 from anyverse.config import ConfigError
 from anyverse.train.config import STAGES, TrainConfig, load_train_config
@@ -21,15 +23,34 @@ RECIPES = {
 }
 
 
-def run_config(config: TrainConfig, resume: bool = True) -> Path:
-    """Train one stage (resuming from the newest checkpoint in ``output_dir`` if any); returns the last checkpoint."""
+def make_accelerator() -> Any:
+    """The Accelerator of a run: single process, or whatever ``accelerate launch --config_file`` set up (DDP, FSDP,
+    DeepSpeed; examples in ``anyverse/train/configs/accelerate/``)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-    module, name = RECIPES[config.stage].split(":")
-    recipe_class = getattr(importlib.import_module(module), name)
     # some projectors/modalities are absent from a batch: DDP must not wait for their gradients
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:  # every process would train alone into the same output_dir
+        raise ConfigError(f"accelerate launch started {launched} processes but each runs alone "
+                          f"({accelerator.distributed_type} on {accelerator.device}): without GPUs, set "
+                          "ACCELERATE_USE_CPU=true (see anyverse/train/configs/accelerate/ddp-cpu.yaml)")
+    for name, variable, kind in (("FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                                 ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(variable, "").lower() == "true" and accelerator.distributed_type != kind:
+            # accelerate only shards on accelerators: with ACCELERATE_USE_CPU it silently runs gloo DDP instead
+            log.warning("the accelerate config asks for %s but accelerate runs %s on %s (it only shards on GPUs and "
+                        "other accelerators): training with full replicas", name, accelerator.distributed_type,
+                        accelerator.device)
+    return accelerator
+
+
+def run_config(config: TrainConfig, resume: bool = True) -> Path:
+    """Train one stage (resuming from the newest checkpoint in ``output_dir`` if any); returns the last checkpoint."""
+    module, name = RECIPES[config.stage].split(":")
+    recipe_class = getattr(importlib.import_module(module), name)
+    accelerator = make_accelerator()
     recipe = recipe_class(config, accelerator.device)
     return train(recipe, config, accelerator, resume)
 

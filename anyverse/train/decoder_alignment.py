@@ -40,7 +40,14 @@ from anyverse.types import OUTPUT_MODALITIES, Media, Message, Modality
 
 log = logging.getLogger(__name__)
 
-INSTRUCTIONS = {Modality.IMAGE: "draw {}", Modality.VIDEO: "make a video of {}", Modality.AUDIO: "play {}"}
+# Several phrasings of the request and the reply, so the projectors learn what the caption puts in the signal states
+# rather than one template's traces; the projectors are used after any phrasing (instruction tuning, chat).
+INSTRUCTIONS = {
+    Modality.IMAGE: ("draw {}", "make an image of {}", "paint {}", "show me {}"),
+    Modality.VIDEO: ("make a video of {}", "animate {}", "film {}", "show me a clip of {}"),
+    Modality.AUDIO: ("play {}", "make a sound of {}", "let me hear {}", "generate audio of {}"),
+}
+REPLIES = ("{}", "here is {}")
 
 
 @dataclass
@@ -51,18 +58,22 @@ class SignalItem:
 
 
 def signal_items(model: AnyverseModel, pairs: list[tuple[Modality, str]], batch_size: int = 16) -> list[SignalItem]:
-    """Teacher-forced signal states for "instruction -> caption + signal tokens" of each (modality, caption)."""
+    """Teacher-forced signal states of "instruction -> reply with the caption + signal tokens", one item per
+    (modality, caption) and phrasing of the instruction and the reply."""
+    renderings = [(m, c, instruction.format(c), reply.format(c))
+                  for m, c in pairs for instruction in INSTRUCTIONS[m] for reply in REPLIES]
     items: list[SignalItem] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        examples = [render_example(model, [Message(role="user", text=INSTRUCTIONS[m].format(c))],
-                                   reply_text(c, [RequestRecord(modality=m, prompt=c)], "signal", model),
-                                   "signal", [RequestRecord(modality=m, prompt=c)]) for m, c in chunk]
+    for start in range(0, len(renderings), batch_size):
+        chunk = renderings[start : start + batch_size]
+        requests = [[RequestRecord(modality=m, prompt=c)] for m, c, _, _ in chunk]
+        examples = [render_example(model, [Message(role="user", text=instruction)],
+                                   reply_text(reply, request, "signal", model), "signal", request)
+                    for (_, _, instruction, reply), request in zip(chunk, requests, strict=True)]
         embeds, mask, _ = embed_batch(model, examples, FeatureTable())
         with torch.no_grad():
             hidden = model.llm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
         last = hidden.hidden_states[-1] + embeds
-        for b, ((modality, caption), example) in enumerate(zip(chunk, examples, strict=True)):
+        for b, ((modality, caption, _, _), example) in enumerate(zip(chunk, examples, strict=True)):
             _, position, _ = example.signals[0]
             count = model.llm.vocab.counts[modality]
             items.append(SignalItem(modality, caption, last[b, position : position + count].detach().clone()))
@@ -217,7 +228,8 @@ class DecoderAlignment(nn.Module):
 
 def decoder_retrieval(model: AnyverseModel, pool: Any, bank_manifests: list[Path], eval_manifest: Path,
                       modalities: set[Modality], limit: int | None = None) -> dict[str, float]:
-    """Recall@1 of projected conditioning against every distinct caption's target, and the mean cosine."""
+    """Recall@1 of projected conditioning against every distinct caption's target, and the mean cosine, over every
+    phrasing of each held-out caption's request."""
     bank = distinct_pairs(bank_manifests, modalities)
     queries = distinct_pairs([eval_manifest], modalities)
     queries = spread(queries, limit)
@@ -227,8 +239,8 @@ def decoder_retrieval(model: AnyverseModel, pool: Any, bank_manifests: list[Path
         captions = [c for m, c in bank if m == modality]
         targets = conditioning_targets(pool, modality, captions)
         flat_bank = torch.cat([v.flatten(1) for v in targets.values()], dim=1)
-        mine = [c for m, c in queries if m == modality]
-        items = signal_items(model, [(modality, c) for c in mine])
+        items = signal_items(model, [(modality, c) for m, c in queries if m == modality])
+        mine = [item.caption for item in items]
         with torch.no_grad():
             predicted = model.output_projectors[modality.value](torch.stack([i.states for i in items]))
         flat = torch.cat([predicted[name].flatten(1).cpu() for name in targets], dim=1)

@@ -74,7 +74,8 @@ class InstructionTuning(nn.Module):
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__()
         self.config = config
-        self.model, self.pool = load_model(config, device, output_projectors="signal" in config.output_modes)
+        decoder_side = "signal" in config.output_modes and config.loss.l2 + config.loss.cosine > 0
+        self.model, self.pool = load_model(config, device, output_projectors=decoder_side)
         self.model_config, self.base = self.model.config, self.model.base_fingerprint()
         self.dialogs, self.features = load_dialogs(self.model, config.data.train)
         if config.train_lora:
@@ -86,7 +87,7 @@ class InstructionTuning(nn.Module):
         for modality in out_modalities & {Modality(m) for m in self.model.output_projectors}:
             self.model.output_projectors[modality.value].requires_grad_(True)
         self.items = [self._example(d, mode) for d in self.dialogs for mode in config.output_modes]
-        wanted = {(m, p) for e in self.items for m, _, p in e.signals}
+        wanted = {(m, p) for e in self.items for m, _, p in e.signals if m.value in self.model.output_projectors}
         self.targets: dict[tuple[Modality, str], dict[str, Any]] = {}
         for modality in {m for m, _ in wanted}:
             prompts = sorted(p for m, p in wanted if m == modality)
@@ -121,7 +122,7 @@ class InstructionTuning(nn.Module):
         out = self.model.llm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
         lm = next_token_loss(out.logits, labels)
         signal = [(b, m, pos, prompt) for b, e in enumerate(batch) for m, pos, prompt in e.signals]
-        if not signal:
+        if not signal or not self.model.output_projectors:
             return self.config.loss.lm * lm, {"lm_loss": lm.item()}
         last = out.hidden_states[-1] + embeds
         items = [SignalItem(m, prompt, last[b, pos : pos + self.model.llm.vocab.counts[m]])

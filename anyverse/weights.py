@@ -78,8 +78,8 @@ def materialize_tiny(name: str, component: Component, build: Callable[[Path], No
         log.info("building tiny %s into %s", name, target)
         build(staging)
         (staging / _COMPLETE).touch()
-        if target.exists():  # a half-written leftover from an interrupted build
-            shutil.rmtree(target)
+        if target.exists() and not (target / _COMPLETE).exists():  # a leftover of an interrupted build; a complete
+            shutil.rmtree(target)  # one is another process's finished build, which it may be reading: keep it
         try:
             staging.rename(target)
         except OSError:  # another process finished first

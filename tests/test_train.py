@@ -405,3 +405,23 @@ def test_the_cached_system_prompt_gives_the_loss_of_the_full_sequence(world: Pat
     full = next_token_loss(recipe.model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
     cached, _ = recipe(batch)
     torch.testing.assert_close(cached, full)
+
+
+def test_lm_pretraining_learns_replies_not_the_prompt(world: Path, tmp_path: Path) -> None:
+    """Chat items carry loss on the assistant's caption only, for every caption instruction and system prompt."""
+    from anyverse.train.config import load_train_config
+    from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
+    from anyverse.train.lm_pretrain import LMPretrain
+    from anyverse.train.manifest import PairRecord, read_manifest
+
+    manifest = subset(world, "pairs-train.jsonl", "lm-pairs.jsonl", {"image": 2, "audio": 1})
+    config = write_config(tmp_path / "lm.yaml", "lm-pretrain", manifest, tmp_path / "out")
+    recipe = LMPretrain(load_train_config(config), torch.device("cpu"))
+    captions = [record.caption for record in read_manifest(manifest, PairRecord)]
+    assert len(recipe.items) == len(captions) * len(CAPTION_INSTRUCTIONS) * 2
+    tokenizer = recipe.llm.tokenizer
+    for (ids, labels), caption in zip(recipe.items, [c for c in captions for _ in range(6)], strict=True):
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        assert all(label != -100 for label in labels[first:]) and labels[first:] == ids[first:]
+        assert tokenizer.decode(ids[first:]).strip() == f"{caption}<|im_end|>".strip()
+        assert caption in tokenizer.decode(ids[:first])  # the media block the reply is read from

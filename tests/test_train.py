@@ -425,3 +425,18 @@ def test_lm_pretraining_learns_replies_not_the_prompt(world: Path, tmp_path: Pat
         assert all(label != -100 for label in labels[first:]) and labels[first:] == ids[first:]
         assert tokenizer.decode(ids[first:]).strip() == f"{caption}<|im_end|>".strip()
         assert caption in tokenizer.decode(ids[:first])  # the media block the reply is read from
+
+
+def test_decoder_retrieval_reports_captions_seen_in_training_and_unseen_ones(world: Path, tmp_path: Path) -> None:
+    from anyverse.train.config import load_train_config
+    from anyverse.train.decoder_alignment import DecoderAlignment, decoder_retrieval, distinct_pairs
+    from anyverse.types import Modality
+
+    train, test = world / "pairs-train.jsonl", world / "pairs-test.jsonl"
+    config = write_config(tmp_path / "da.yaml", "decoder-alignment", train, tmp_path / "out", modalities=["audio"])
+    recipe = DecoderAlignment(load_train_config(config), torch.device("cpu"))
+    audio = {Modality.AUDIO}
+    assert set(distinct_pairs([test], audio)) - set(distinct_pairs([train], audio))  # the compositional split
+    scores = decoder_retrieval(recipe.model, recipe.pool, train, test, audio)
+    seen, unseen = scores["decoder_retrieval/seen"], scores["decoder_retrieval/unseen"]
+    assert min(seen, unseen) <= scores["decoder_retrieval"] <= max(seen, unseen)

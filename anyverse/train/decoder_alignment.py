@@ -10,7 +10,7 @@ generator's text encoder (never hard-coded 77x768).
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -219,22 +219,24 @@ class DecoderAlignment(nn.Module):
 
     def evaluate(self) -> dict[str, float]:
         assert self.config.data.eval is not None
-        return decoder_retrieval(self.model, self.pool, [self.config.data.train, self.config.data.eval],
-                                 self.config.data.eval, set(self.modalities), self.config.data.max_eval_items)
+        return decoder_retrieval(self.model, self.pool, self.config.data.train, self.config.data.eval,
+                                 set(self.modalities), self.config.data.max_eval_items)
 
     def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
         return save_projectors(self.model, directory)
 
 
-def decoder_retrieval(model: AnyverseModel, pool: Any, bank_manifests: list[Path], eval_manifest: Path,
+def decoder_retrieval(model: AnyverseModel, pool: Any, train_manifest: Path, eval_manifest: Path,
                       modalities: set[Modality], limit: int | None = None) -> dict[str, float]:
-    """Recall@1 of projected conditioning against every distinct caption's target, and the mean cosine, over every
-    phrasing of each held-out caption's request."""
-    bank = distinct_pairs(bank_manifests, modalities)
+    """Recall@1 of projected conditioning against every distinct caption's target (train and eval), and the mean
+    cosine, over every phrasing of each held-out caption's request; also split into captions seen in training and
+    unseen ones (a compositional split), which tells a lookup from a projector that composes."""
+    bank = distinct_pairs([train_manifest, eval_manifest], modalities)
+    seen = set(distinct_pairs([train_manifest], modalities))
     queries = distinct_pairs([eval_manifest], modalities)
     queries = spread(queries, limit)
     scores: dict[str, float] = {}
-    hits_all, cos_all = [], []
+    hits_all, cos_all, by_split = [], [], defaultdict(list)
     for modality in sorted({m for m, _ in queries}, key=str):
         captions = [c for m, c in bank if m == modality]
         targets = conditioning_targets(pool, modality, captions)
@@ -251,6 +253,9 @@ def decoder_retrieval(model: AnyverseModel, pool: Any, bank_manifests: list[Path
         scores[f"decoder_retrieval/{modality.value}"] = sum(hits) / len(hits)
         hits_all += hits
         cos_all += cos
+        for caption, hit in zip(mine, hits, strict=True):
+            by_split["seen" if (modality, caption) in seen else "unseen"].append(hit)
     scores["decoder_retrieval"] = sum(hits_all) / len(hits_all)
+    scores |= {f"decoder_retrieval/{split}": sum(hits) / len(hits) for split, hits in sorted(by_split.items())}
     scores["decoder_cosine"] = sum(cos_all) / len(cos_all)
     return scores

@@ -72,7 +72,7 @@ def evaluate_toyworld(checkpoint: Path | None, data: Path, profile: str = "toywo
     pairs, features = load_pairs(model, data / "pairs-test.jsonl", limit=limit)
     scores = caption_accuracy(model, pairs, features)
     outputs = {m for m in OUTPUT_MODALITIES if m.value in model.output_projectors}
-    scores |= decoder_retrieval(model, session.generators, [data / "pairs-train.jsonl", data / "pairs-test.jsonl"],
-                                data / "pairs-test.jsonl", outputs, limit)
+    scores |= decoder_retrieval(model, session.generators, data / "pairs-train.jsonl", data / "pairs-test.jsonl",
+                                outputs, limit)
     dialogs, _ = load_dialogs(model, data / "dialogs-test.jsonl", limit)
     return scores | routing_accuracy(model, dialogs, ["meta", "signal"])

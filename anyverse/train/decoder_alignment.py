@@ -231,10 +231,10 @@ def decoder_retrieval(model: AnyverseModel, pool: Any, train_manifest: Path, eva
     """Recall@1 of projected conditioning against every distinct caption's target (train and eval), and the mean
     cosine, over every phrasing of each held-out caption's request; also split into captions seen in training and
     unseen ones (a compositional split), which tells a lookup from a projector that composes."""
-    bank = distinct_pairs([train_manifest, eval_manifest], modalities)
-    seen = set(distinct_pairs([train_manifest], modalities))
-    queries = distinct_pairs([eval_manifest], modalities)
-    queries = spread(queries, limit)
+    trained = distinct_pairs([train_manifest], modalities)
+    held_out = distinct_pairs([eval_manifest], modalities)
+    bank, seen = list(dict.fromkeys(trained + held_out)), set(trained)
+    queries = spread(held_out, limit)
     scores: dict[str, float] = {}
     hits_all, cos_all, by_split = [], [], defaultdict(list)
     for modality in sorted({m for m, _ in queries}, key=str):

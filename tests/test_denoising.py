@@ -7,19 +7,20 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from anyverse.cli.app import app
+from mock_generators import MockImage
 from typer.testing import CliRunner
 
-from anyverse.config import Caps, GeneratorConfig, load_config
+from anyverse.config import Caps, load_config
 from anyverse.media import load_media
-from anyverse.plugins import Denoiser, GeneratedMedia, get_generator_class, register_generator
+from anyverse.plugins import Denoiser, get_generator_class
 from anyverse.train.toyworld import make_toyworld
-from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
+from anyverse.types import Media, Modality
 
 CPU = torch.device("cpu")
 OUTPUTS = [Modality.IMAGE, Modality.VIDEO, Modality.AUDIO]
@@ -158,51 +159,18 @@ def test_decoder_alignment_with_denoise_logs_denoise_loss(world, pairs, tmp_path
     assert yaml.safe_load((out / "step-000003" / "train.yaml").read_text())["loss"]["denoise"] == 1.0
 
 
-@register_generator
-class NoDenoiseImage:
-    """A generator plugin that does not implement the optional ``denoising_loss``."""
-
-    name: ClassVar[str] = "no-denoise-image"
-    modality: ClassVar[Modality] = Modality.IMAGE
-    Options: ClassVar[type[GenerationOptions]] = GenerationOptions
-    accepts_source: ClassVar[frozenset[Modality]] = frozenset()
-
-    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
-        self.loaded = False
-
-    def check_weights(self) -> None:
-        pass
-
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
-        return {"prompt_embeds": (3, 4)}
-
-    def load(self) -> None:
-        self.loaded = True
-
-    def unload(self) -> None:
-        self.loaded = False
-
-    def memory_bytes(self) -> int:
-        return 0
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": torch.zeros(len(prompts), 3, 4)}
-
-    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
-        raise NotImplementedError
-
-
 def test_a_plugin_without_denoising_loss_fails_in_one_line_before_training(world, pairs, tmp_path, monkeypatch):
     from anyverse.train import decoder_alignment
 
+    assert not hasattr(MockImage, "denoising_loss")  # registered as "mock-image"
     steps: list[int] = []
     monkeypatch.setattr(decoder_alignment, "signal_items", lambda *args: steps.append(1) or [])
     train = manifest(world, pairs, "images.jsonl", {"image": 2})
     out = tmp_path / "out"
     config = write_config(tmp_path / "mock.yaml", train, out, loss={"denoise": 0.5},
-                          model_overrides=["generators.image.plugin=no-denoise-image"])
+                          model_overrides=["generators.image.plugin=mock-image"])
     result = runner.invoke(app, ["train", "decoder-alignment", "--config", str(config)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert lines == ["anyverse: error: generator plugin no-denoise-image has no denoising_loss; set loss.denoise=0"]
+    assert lines == ["anyverse: error: generator plugin mock-image has no denoising_loss; set loss.denoise=0"]
     assert steps == [] and not (out / "metrics.jsonl").exists()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import EntryPoint
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from pydantic import Field
+from mock_generators import MockImage
 
 from anyverse import plugins
 from anyverse.config import GeneratorConfig, TinySpec, load_config
@@ -19,8 +19,6 @@ from anyverse.plugins import (
     GeneratorPool,
     available_generators,
     get_generator_class,
-    register_generator,
-    validate_options,
 )
 from anyverse.types import GenerationOptions, MediaRequest, Modality
 from anyverse.weights import MissingWeightsError
@@ -232,65 +230,7 @@ def test_broken_entry_point_is_skipped_with_a_warning(monkeypatch, caplog):
     assert "'broken'" in warned and "No module named" in warned and "'misnamed'" in warned
 
 
-# ---------------------------------------------------------------- a plugin defined here, and the pool
-
-
-class MockOptions(GenerationOptions):
-    level: float = Field(default=0.5, ge=0.0, le=1.0)
-
-
-@register_generator
-class MockImage:
-    """A generator that costs nothing but says it holds 400 MiB when loaded."""
-
-    name: ClassVar[str] = "mock-image"
-    modality: ClassVar[Modality] = Modality.IMAGE
-    Options: ClassVar[type[GenerationOptions]] = MockOptions
-    accepts_source: ClassVar[frozenset[Modality]] = frozenset()
-    loads: ClassVar[int] = 0
-
-    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
-        self.defaults = validate_options(MockOptions, config.options, self.name)
-        self._loaded = False
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def check_weights(self) -> None:
-        pass
-
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
-        return {"prompt_embeds": (3, 4)}
-
-    def load(self) -> None:
-        type(self).loads += 1
-        self._loaded = True
-
-    def unload(self) -> None:
-        self._loaded = False
-
-    def memory_bytes(self) -> int:
-        return 400 * 1024**2
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": torch.zeros(len(prompts), 3, 4)}
-
-    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
-        level = request.options.model_dump(exclude_none=True).get("level", self.defaults.level)
-        return GeneratedMedia(self.modality, np.full((2, 2, 3), level, np.float32))
-
-
-@register_generator
-class MockVideo(MockImage):
-    name: ClassVar[str] = "mock-video"
-    modality: ClassVar[Modality] = Modality.VIDEO
-
-
-@register_generator
-class MockAudio(MockImage):
-    name: ClassVar[str] = "mock-audio"
-    modality: ClassVar[Modality] = Modality.AUDIO
+# ---------------------------------------------------------------- plugins defined in tests, and the pool
 
 
 def mock_pool(budget_gb: float) -> GeneratorPool:

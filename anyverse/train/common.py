@@ -146,18 +146,23 @@ def render_example(model: AnyverseModel, history: list[Message], target: str, mo
     return Example(ids=ids, labels=labels, slots=context.slots, signals=signals)
 
 
+def pad_right(rows: list[tuple[list[int], list[int]]], pad: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels) rows right-padded into [B, L] ids, attention mask and labels (IGNORE on padding)."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [pad] * (length - len(i)) for i, _ in rows], device=device)
+    mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in rows], device=device)
+    labels = torch.tensor([lab + [IGNORE] * (length - len(lab)) for _, lab in rows], device=device)
+    return ids, mask, labels
+
+
 def embed_batch(model: AnyverseModel, examples: list[Example], features: FeatureTable,
                 skip: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded [B, L, D] embeddings with projected soft tokens in the media slots, attention mask, labels,
     of each example's ids after the first ``skip`` (a shared prefix whose keys/values are cached)."""
     device = model.llm.model.get_input_embeddings().weight.device
-    rows = [e.ids[skip:] for e in examples]
-    length = max(len(r) for r in rows)
-    pad = model.llm.tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
-    labels = torch.tensor([e.labels[skip:] + [IGNORE] * (length - len(r)) for e, r in zip(examples, rows, strict=True)],
-                          device=device)
+    ids, mask, labels = pad_right([(e.ids[skip:], e.labels[skip:]) for e in examples],
+                                  model.llm.tokenizer.pad_token_id, device)
     embeds = model.llm.input_embeddings(ids)
     slots = [(b, media, start - skip, k) for b, e in enumerate(examples) for media, start, k in e.slots]
     if slots:

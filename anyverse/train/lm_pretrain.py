@@ -20,7 +20,7 @@ from anyverse.config import LLMConfig, TinySpec, load_config
 from anyverse.llm import build_tiny_llm, load_llm
 from anyverse.model import system_prompt
 from anyverse.signals import MEDIA_END, MEDIA_START, SignalVocabulary
-from anyverse.train.common import IGNORE, next_token_loss
+from anyverse.train.common import IGNORE, next_token_loss, pad_right
 from anyverse.train.config import TrainConfig
 from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
 from anyverse.train.manifest import PairRecord, SkipReport, read_manifest
@@ -89,13 +89,7 @@ class LMPretrain(nn.Module):
         return ids, [IGNORE] * len(context) + ids[len(context) :]
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        length = max(len(ids) for ids, _ in items)
-        device = self.llm.model.device
-        pad = [self.llm.tokenizer.pad_token_id]
-        ids = torch.tensor([i + pad * (length - len(i)) for i, _ in items], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in items], device=device)
-        labels = torch.tensor([lab + [IGNORE] * (length - len(lab)) for _, lab in items], device=device)
-        return ids, mask, labels
+        return pad_right(items, self.llm.tokenizer.pad_token_id, self.llm.model.device)
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         ids, mask, labels = batch

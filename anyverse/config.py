@@ -71,9 +71,10 @@ class EncoderConfig(Component):
 
 
 class InputProjectorConfig(Strict):
-    kind: Literal["linear", "mlp", "resampler"] = "mlp"
+    kind: Literal["linear", "mlp", "resampler", "grid"] = "mlp"
     num_tokens: int = Field(default=1, gt=0, le=256)
-    hidden_dim: int | None = Field(default=None, gt=0, description="mlp/resampler width; default LLM width")
+    hidden_dim: int | None = Field(default=None, gt=0, description="mlp/resampler/grid width; default LLM width")
+    grid: int = Field(default=4, gt=0, le=16, description="grid: patch tokens are average-pooled to grid x grid cells")
     layers: int = Field(default=1, gt=0, description="resampler cross-attention layers")
     heads: int = Field(default=4, gt=0)
 

@@ -1,14 +1,17 @@
 """Projector builders: ImageBind features -> LLM soft tokens, and signal hidden states -> generator conditioning.
 
-Builders, not subclasses (torchtune style): ``build_input_projector`` picks linear / mlp / resampler from config.
+Builders, not subclasses (torchtune style): ``build_input_projector`` picks linear / mlp / resampler / grid from
+config.
 Every width comes from the loaded encoder, LLM or generator spec; none is a constant.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anyverse.config import InputProjectorConfig, OutputProjectorConfig
@@ -42,6 +45,33 @@ class Resampler(nn.Module):
         return self.out(self.blocks(queries, self.kv(tokens)))
 
 
+class GridProjector(nn.Module):
+    """Locality-preserving (Honeybee's argument against resamplers): the patch tokens are average-pooled to a
+    ``grid x grid`` map of cells, and an MLP reads all cells at once, so each cell has its own weights and *where*
+    something is stays readable. A CLS token or learned-query attention must first learn to bind content to
+    position; the toy world's tiny towers never did (object position at chance from the pooled embedding and from
+    a resampler, 1.0 from a 2x2 grid of the same frozen tokens).
+    """
+
+    def __init__(self, token_dim: int, llm_dim: int, cfg: InputProjectorConfig):
+        super().__init__()
+        hidden = cfg.hidden_dim or llm_dim
+        self.grid, self.num_tokens, self.llm_dim = cfg.grid, cfg.num_tokens, llm_dim
+        self.norm = nn.LayerNorm(token_dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.grid**2 * token_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, cfg.num_tokens * llm_dim))
+
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, 1:]  # ImageBind's vision tokens: CLS, then the patch grid in raster order
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            raise ValueError(f"grid projector: {patches.shape[1]} patch tokens do not form a square grid "
+                             "(use it for image and video, whose ImageBind patches do)")
+        cells = patches.reshape(len(tokens), side, side, -1).permute(0, 3, 1, 2)
+        cells = F.adaptive_avg_pool2d(cells, self.grid).flatten(2).transpose(1, 2)  # [B, grid^2, token_dim]
+        return self.mlp(self.norm(cells).flatten(1)).view(len(tokens), self.num_tokens, self.llm_dim)
+
+
 def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int) -> nn.Module:
     """``forward(pooled [B, embed_dim], tokens [B, N, token_dim]) -> [B, k, llm_dim]``."""
     k = cfg.num_tokens
@@ -51,6 +81,8 @@ def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: 
         hidden = cfg.hidden_dim or llm_dim
         mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, k * llm_dim))
         return PooledProjector(mlp, k, llm_dim)
+    if cfg.kind == "grid":
+        return GridProjector(token_dim, llm_dim, cfg)
     return Resampler(token_dim, llm_dim, cfg)
 
 

@@ -80,6 +80,7 @@ class InputProjectorConfig(Strict):
 
 
 class OutputProjectorConfig(Strict):
+    linear_rank: int = Field(default=0, ge=0, description="rank of a linear path beside the transformer; 0: none")
     d_model: int = Field(default=512, gt=0)
     encoder_layers: int = Field(default=2, ge=0)
     decoder_layers: int = Field(default=2, gt=0)

@@ -87,26 +87,80 @@ def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: 
 
 
 class OutputProjector(nn.Module):
-    """NExT-GPT's transformer projector: signal hidden states in, one tensor per declared conditioning out.
+    """Signal hidden states in, one tensor per declared conditioning out.
 
     ``spec`` is the generator's declared conditioning, name -> (sequence length, width); e.g. SD 1.5 gives
-    ``{"prompt_embeds": (77, 768)}`` and AudioLDM-2 gives two entries. Learned queries, one per output position.
+    ``{"prompt_embeds": (77, 768)}`` and AudioLDM-2 gives two entries. NExT-GPT's transformer (learned queries, one
+    per output position) learns a lookup of the captions it saw: on the toy world's captions whose attribute
+    combination never occurs in training (a green triangle) its retrieval was 0.13. A linear map composes (ridge
+    regression: 0.84 on those images) but fits the seen captions less well, so ``cfg.linear_rank`` > 0 adds a
+    low-rank linear path beside the transformer: unseen 0.13 -> 0.28, seen 0.95 -> 0.99.
 
-    Signal states are standardised per position and feature with statistics of training data (``standardize``):
-    an LLM's last-layer states share a large constant part, and what differs between prompts is a few percent of
-    their norm; unscaled, the projector must grow huge weights to see it (toy world: 8000 steps to 0.83 retrieval,
-    vs 250 steps to 1.0 standardised).
+    Both ends are standardised per value with statistics of training data (``standardize``): an LLM's last-layer
+    states share a large constant part, and what differs between prompts is a few percent of their norm; unscaled,
+    the projector must grow huge weights to see it (toy world: 8000 steps to 0.83 retrieval, vs 250 steps to 1.0
+    standardised). Text-encoder conditionings are alike in the same way, so the projector predicts standardised
+    targets, and the shared part costs it nothing to learn.
     """
 
     state_mean: torch.Tensor
     state_std: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
 
     def __init__(self, llm_dim: int, num_signal: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
         super().__init__()
-        d = cfg.d_model
         self.spec = dict(spec)
         self.register_buffer("state_mean", torch.zeros(num_signal, llm_dim))
         self.register_buffer("state_std", torch.ones(num_signal, llm_dim))
+        total = sum(length * width for length, width in spec.values())
+        self.register_buffer("target_mean", torch.zeros(total))
+        self.register_buffer("target_std", torch.ones(total))
+        self.body = QueryDecoderBody(llm_dim, spec, cfg)
+        self.linear = LowRankLinear(num_signal * llm_dim, spec, cfg.linear_rank) if cfg.linear_rank else None
+
+    @torch.no_grad()
+    def standardize(self, signal_states: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
+        """Set the statistics from training signal states [N, n_signal, llm_dim] and their targets, name ->
+        [N, seq, width]. A value that hardly varies gets a spread of 1% of the mean one, so it cannot blow up."""
+        flat = torch.cat([targets[name].flatten(1) for name in self.spec], dim=1)
+        for values, mean, std in ((signal_states, self.state_mean, self.state_std),
+                                  (flat, self.target_mean, self.target_std)):
+            spread = values.float().std(dim=0, unbiased=False)
+            mean.copy_(values.float().mean(dim=0))
+            std.copy_(spread.clamp_min(0.01 * spread.mean().item() + 1e-6))
+
+    def forward(self, signal_states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``signal_states`` [B, n_signal, llm_dim] -> {name: [B, seq, width]}."""
+        states = (signal_states - self.state_mean) / self.state_std
+        flat = self.body(states) if self.linear is None else self.body(states) + self.linear(states)
+        flat = flat * self.target_std + self.target_mean  # [B, sum of seq * width]
+        out, start = {}, 0
+        for name, (length, width) in self.spec.items():
+            out[name] = flat[:, start : start + length * width].view(-1, length, width)
+            start += length * width
+        return out
+
+
+class LowRankLinear(nn.Module):
+    """Standardised signal states, flattened, through a rank-``rank`` linear map to every output value."""
+
+    def __init__(self, in_features: int, spec: dict[str, tuple[int, int]], rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, sum(length * width for length, width in spec.values()))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(states.flatten(1)))
+
+
+class QueryDecoderBody(nn.Module):
+    """NExT-GPT's transformer: an encoder over the signal states, then one learned query per output position."""
+
+    def __init__(self, llm_dim: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.spec = dict(spec)
         self.inp = nn.Linear(llm_dim, d)
         layer_args: dict[str, Any] = {"dropout": 0.0, "batch_first": True, "norm_first": True}
         self.encoder = (
@@ -124,26 +178,16 @@ class OutputProjector(nn.Module):
         self.queries = nn.ParameterDict({n: nn.Parameter(torch.randn(s, d) * 0.02) for n, (s, _) in spec.items()})
         self.heads = nn.ModuleDict({n: nn.Linear(d, width) for n, (_, width) in spec.items()})
 
-    @torch.no_grad()
-    def standardize(self, signal_states: torch.Tensor) -> None:
-        """Set the input statistics from training signal states [N, n_signal, llm_dim]; a feature that hardly
-        varies is floored at 1% of the mean spread, so it cannot blow up."""
-        std = signal_states.float().std(dim=0, unbiased=False)
-        self.state_mean.copy_(signal_states.float().mean(dim=0))
-        self.state_std.copy_(std.clamp_min(0.01 * std.mean().item() + 1e-6))
-
-    def forward(self, signal_states: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``signal_states`` [B, n_signal, llm_dim] -> {name: [B, seq, width]}."""
-        memory = self.inp((signal_states - self.state_mean) / self.state_std)
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        memory = self.inp(states)
         if self.encoder is not None:
             memory = self.encoder(memory)
-        batch = signal_states.shape[0]
         names = list(self.spec)
-        queries = torch.cat([self.queries[n] for n in names]).unsqueeze(0).expand(batch, -1, -1)
+        queries = torch.cat([self.queries[n] for n in names]).unsqueeze(0).expand(len(states), -1, -1)
         decoded = self.decoder(queries, memory)
-        out, start = {}, 0
+        parts, start = [], 0
         for name in names:
             length = self.spec[name][0]
-            out[name] = self.heads[name](decoded[:, start : start + length])
+            parts.append(self.heads[name](decoded[:, start : start + length]).flatten(1))
             start += length
-        return out
+        return torch.cat(parts, dim=1)

@@ -10,9 +10,14 @@ from anyverse.config import InputProjectorConfig, OutputProjectorConfig
 from anyverse.projectors import GridProjector, OutputProjector, build_input_projector
 
 
-def projector() -> OutputProjector:
-    cfg = OutputProjectorConfig(d_model=16, encoder_layers=1, decoder_layers=1, heads=2, feedforward=32)
-    return OutputProjector(8, 3, {"prompt_embeds": (5, 4)}, cfg)
+def projector(linear_rank: int = 0) -> OutputProjector:
+    cfg = OutputProjectorConfig(d_model=16, encoder_layers=1, decoder_layers=1, heads=2, feedforward=32,
+                                linear_rank=linear_rank)
+    return OutputProjector(8, 3, {"prompt_embeds": (5, 4), "pooled": (1, 2)}, cfg)
+
+
+def targets(n: int) -> dict[str, torch.Tensor]:
+    return {"prompt_embeds": 4 + 0.1 * torch.randn(n, 5, 4), "pooled": -2 + 0.1 * torch.randn(n, 1, 2)}
 
 
 def test_standardize_takes_the_statistics_of_training_states_and_floors_flat_features() -> None:
@@ -20,9 +25,9 @@ def test_standardize_takes_the_statistics_of_training_states_and_floors_flat_fea
     states = 10 + 0.05 * torch.randn(64, 3, 8)  # large shared part, small differences, as LLM states are
     states[:, :, 0] = 3.0  # a feature that never varies
     proj = projector()
-    proj.standardize(states)
+    proj.standardize(states, targets(64))
     seen: list[torch.Tensor] = []
-    proj.inp.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    proj.body.inp.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
     proj(states)
     inputs = seen[0]
     torch.testing.assert_close(inputs[..., 1:].mean(0), torch.zeros(3, 7), atol=1e-4, rtol=0)
@@ -30,12 +35,39 @@ def test_standardize_takes_the_statistics_of_training_states_and_floors_flat_fea
     assert inputs[..., 0].abs().max() < 1e-3  # floored, not divided by ~0
 
 
+@pytest.mark.parametrize("linear_rank", [0, 6])
+def test_projectors_predict_standardised_targets_one_tensor_per_declared_conditioning(linear_rank: int) -> None:
+    torch.manual_seed(0)
+    proj, wanted = projector(linear_rank), targets(64)
+    proj.standardize(torch.randn(64, 3, 8), wanted)
+    out = proj(torch.randn(2, 3, 8))
+    shapes = {name: tuple(value.shape) for name, value in out.items()}
+    assert shapes == {"prompt_embeds": (2, 5, 4), "pooled": (2, 1, 2)}
+    with torch.no_grad():  # a projector whose layers output zeros predicts the training targets' mean
+        for parameter in proj.parameters():
+            parameter.zero_()
+    out = proj(torch.randn(2, 3, 8))
+    for name, value in wanted.items():
+        torch.testing.assert_close(out[name], value.mean(0).expand(2, -1, -1))
+
+
+def test_the_linear_path_adds_a_low_rank_map_of_all_signal_states() -> None:
+    torch.manual_seed(0)
+    proj = projector(linear_rank=6)
+    assert proj.linear is not None and proj.linear.down.weight.shape == (6, 3 * 8)
+    states = torch.randn(2, 3, 8)
+    with_linear = proj(states)
+    proj.linear = None
+    without = proj(states)
+    assert all((with_linear[name] - without[name]).abs().max() > 1e-4 for name in without)
+
+
 def test_a_fresh_projector_passes_states_unchanged_and_keeps_its_statistics_in_its_weights() -> None:
     proj = projector()
-    assert set(proj.state_dict()) >= {"state_mean", "state_std"}
+    assert set(proj.state_dict()) >= {"state_mean", "state_std", "target_mean", "target_std"}
     states = torch.randn(2, 3, 8)
     seen: list[torch.Tensor] = []
-    proj.inp.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    proj.body.inp.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
     proj(states)
     torch.testing.assert_close(seen[0], states)
 

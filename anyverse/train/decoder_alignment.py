@@ -150,9 +150,12 @@ class DecoderAlignment(nn.Module):
             self.media_paths = caption_media(config.data.train, set(self.modalities))
         self.targets = self.encode_targets(pairs)
         self.items = signal_items(self.model, pairs)
-        for modality in self.modalities:  # the frozen LLM's states of this data fix the projectors' input scaling
-            cast(OutputProjector, self.model.output_projectors[modality.value]).standardize(
-                torch.stack([item.states for item in self.items if item.modality == modality]))
+        for modality in self.modalities:  # this data's states (frozen LLM) and targets fix the projectors' scaling
+            mine = [item for item in self.items if item.modality == modality]
+            projector = cast(OutputProjector, self.model.output_projectors[modality.value])
+            projector.standardize(torch.stack([item.states for item in mine]),
+                                  {name: torch.stack([self.targets[(modality, item.caption)][name] for item in mine])
+                                   for name in projector.spec})
 
     def encode_targets(self, pairs: list[tuple[Modality, str]]) -> dict[tuple[Modality, str], dict[str, Any]]:
         targets: dict[tuple[Modality, str], dict[str, Any]] = {}

@@ -92,9 +92,9 @@ class OutputProjector(nn.Module):
     ``spec`` is the generator's declared conditioning, name -> (sequence length, width); e.g. SD 1.5 gives
     ``{"prompt_embeds": (77, 768)}`` and AudioLDM-2 gives two entries. NExT-GPT's transformer (learned queries, one
     per output position) learns a lookup of the captions it saw: on the toy world's captions whose attribute
-    combination never occurs in training (a green triangle) its retrieval was 0.13. A linear map composes (ridge
+    combination never occurs in training (a green triangle) its retrieval was 0.09. A linear map composes (ridge
     regression: 0.84 on those images) but fits the seen captions less well, so ``cfg.linear_rank`` > 0 adds a
-    low-rank linear path beside the transformer: unseen 0.13 -> 0.28, seen 0.95 -> 0.99.
+    low-rank linear path beside the transformer: on the same LLM, unseen 0.09 -> 0.38 and seen 0.92 -> 0.97.
 
     Both ends are standardised per value with statistics of training data (``standardize``): an LLM's last-layer
     states share a large constant part, and what differs between prompts is a few percent of their norm; unscaled,
@@ -117,7 +117,7 @@ class OutputProjector(nn.Module):
         self.register_buffer("target_mean", torch.zeros(total))
         self.register_buffer("target_std", torch.ones(total))
         self.body = QueryDecoderBody(llm_dim, spec, cfg)
-        self.linear = LowRankLinear(num_signal * llm_dim, spec, cfg.linear_rank) if cfg.linear_rank else None
+        self.linear = LowRankLinear(num_signal * llm_dim, total, cfg.linear_rank) if cfg.linear_rank else None
 
     @torch.no_grad()
     def standardize(self, signal_states: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
@@ -145,10 +145,10 @@ class OutputProjector(nn.Module):
 class LowRankLinear(nn.Module):
     """Standardised signal states, flattened, through a rank-``rank`` linear map to every output value."""
 
-    def __init__(self, in_features: int, spec: dict[str, tuple[int, int]], rank: int):
+    def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, sum(length * width for length, width in spec.values()))
+        self.up = nn.Linear(rank, out_features)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(states.flatten(1)))

@@ -427,6 +427,32 @@ def test_lm_pretraining_learns_replies_not_the_prompt(world: Path, tmp_path: Pat
         assert caption in tokenizer.decode(ids[:first])  # the media block the reply is read from
 
 
+def test_lm_pretraining_copy_drills_are_random_caption_words_copied_from_the_media_block(
+        world: Path, tmp_path: Path) -> None:
+    from anyverse.signals import MEDIA_END, MEDIA_START
+    from anyverse.train.config import load_train_config
+    from anyverse.train.lm_pretrain import LMPretrain
+    from anyverse.train.manifest import PairRecord, read_manifest
+
+    manifest = subset(world, "pairs-train.jsonl", "lm-pairs.jsonl", {"image": 2, "audio": 1})
+    config = write_config(tmp_path / "lm.yaml", "lm-pretrain", manifest, tmp_path / "out", copy_drills=5)
+    recipe = LMPretrain(load_train_config(config), torch.device("cpu"))
+    captions = [record.caption for record in read_manifest(manifest, PairRecord)]
+    vocabulary = {word for caption in captions for word in caption.split()}
+    drills = recipe.items[len(captions) * 6:]
+    assert len(drills) == len(captions) * 5
+    tokenizer = recipe.llm.tokenizer
+    replies = set()
+    for ids, labels in drills:
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        reply = tokenizer.decode(ids[first:]).strip().removesuffix("<|im_end|>")
+        prompt = tokenizer.decode(ids[:first])
+        assert "system" not in prompt  # a tenth of the length of a chat with the system prompt
+        assert f"{MEDIA_START}{reply}{MEDIA_END}" in prompt and set(reply.split()) <= vocabulary
+        replies.add(reply)
+    assert len(replies) == len(drills)  # random word strings, not the captions again
+
+
 def test_decoder_retrieval_reports_captions_seen_in_training_and_unseen_ones(world: Path, tmp_path: Path) -> None:
     from anyverse.train.config import load_train_config
     from anyverse.train.decoder_alignment import DecoderAlignment, decoder_retrieval, distinct_pairs

@@ -65,6 +65,7 @@ class TrainConfig(Strict):
     save_every: int = Field(default=0, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(default=2, gt=0)
     lm_arch: dict[str, int] = Field(default_factory=dict, description="lm-pretrain: tiny Llama sizes")
+    copy_drills: int = Field(default=0, ge=0, description="lm-pretrain: copy drills per caption pair")
     encoder_arch: dict[str, int] = Field(default_factory=dict, description="encoder-pretrain: tiny ImageBind sizes")
     temperature: float = Field(default=0.07, gt=0, description="encoder-pretrain: InfoNCE temperature")
 

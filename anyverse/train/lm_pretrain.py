@@ -5,11 +5,18 @@ The corpus is the dataset's plain text plus chat-formatted caption turns in whic
 written as its caption between the media markers: the LM learns the chat format and to read what a media block
 says, which is the skill encoder alignment then gives the soft tokens. The tokenizer learns merges from the same
 text. The result is a full model directory (``llm/``) that a profile's ``llm.path`` can point at.
+
+Reading a caption word by word is copying, and captions drawn from a small grammar teach it slowly: the LM learns
+their prior and copies only the first content word. ``copy_drills`` adds turns whose media block holds random
+words of the captions' vocabulary, which nothing but copying predicts (an induction head). On the toy world,
+with them and lr 1e-3, the LM writes held-out captions given as text exactly; without them it wrote 7% (and at
+lr 3e-3 no copying formed even on drills alone).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +37,21 @@ log = logging.getLogger(__name__)
 LLM_DIR = "llm"
 
 
-def chat_sample(record: PairRecord, index: int, system: str) -> list[dict[str, str]]:
+def chat_sample(record: PairRecord, index: int, system: str | None) -> list[dict[str, str]]:
     """A caption turn with the media written as text: ``img_1 <|media_start|>caption<|media_end|>``."""
     media_id = f"{record.modality.label}_1"
     instruction = CAPTION_INSTRUCTIONS[index % len(CAPTION_INSTRUCTIONS)].format(id=media_id)
     user = f"{media_id} {MEDIA_START}{record.caption}{MEDIA_END}\n{instruction}"
-    return [{"role": "system", "content": system}, {"role": "user", "content": user},
-            {"role": "assistant", "content": record.caption}]
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return [*head, {"role": "user", "content": user}, {"role": "assistant", "content": record.caption}]
+
+
+def copy_drills(pairs: list[PairRecord], per_pair: int, seed: int) -> list[PairRecord]:
+    """Pairs whose captions are 3 to 9 random words of all captions' vocabulary, ``per_pair`` for each pair."""
+    rng = random.Random(seed)
+    words = sorted({word for pair in pairs for word in pair.caption.split()})
+    return [pair.model_copy(update={"caption": " ".join(rng.choices(words, k=rng.randint(3, 9)))})
+            for pair in pairs for _ in range(per_pair)]
 
 
 class LMPretrain(nn.Module):
@@ -66,6 +81,9 @@ class LMPretrain(nn.Module):
         # the later stages need, and one chat per pair among the plain lines left it unlearnt (17% of items)
         self.items = [self._text(t) for t in texts] + [self._chat(p, i, system) for p in pairs for system in prompts
                                                         for i in range(len(CAPTION_INSTRUCTIONS))]
+        # drills without a system prompt: a tenth of the length, and the copying carries over to chats with one
+        drills = copy_drills(pairs, config.copy_drills, config.seed)
+        self.items += [self._chat(drill, i, system=None) for i, drill in enumerate(drills)]
         self.eval_items: list[tuple[list[int], list[int]]] = []
         if config.data.eval:
             held_out = list(read_manifest(config.data.eval, PairRecord))[: config.data.max_eval_items]
@@ -75,7 +93,7 @@ class LMPretrain(nn.Module):
         ids = self.llm.tokenizer(text, add_special_tokens=False).input_ids
         return ids, ids
 
-    def _chat(self, record: PairRecord, index: int, system: str) -> tuple[list[int], list[int]]:
+    def _chat(self, record: PairRecord, index: int, system: str | None) -> tuple[list[int], list[int]]:
         """A caption turn whose loss is on the reply only: the system prompt and the user turn would otherwise make
         up 90% of the loss, and 250 steps taught the prompt by heart but not to read the media block (with the
         caption's own embeddings in it, the reply's loss did not move)."""

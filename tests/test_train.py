@@ -407,21 +407,31 @@ def test_the_cached_system_prompt_gives_the_loss_of_the_full_sequence(world: Pat
     torch.testing.assert_close(cached, full)
 
 
-def test_lm_pretraining_learns_replies_not_the_prompt(world: Path, tmp_path: Path) -> None:
-    """Chat items carry loss on the assistant's caption only, for every caption instruction and system prompt."""
+def lm_pretrain_on_a_few_pairs(world: Path, tmp_path: Path, **fields: Any) -> tuple[Any, list[str]]:
+    """An lm-pretrain recipe over two image and one audio caption (no plain-text corpus), and those captions."""
     from anyverse.train.config import load_train_config
-    from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
     from anyverse.train.lm_pretrain import LMPretrain
     from anyverse.train.manifest import PairRecord, read_manifest
 
     manifest = subset(world, "pairs-train.jsonl", "lm-pairs.jsonl", {"image": 2, "audio": 1})
-    config = write_config(tmp_path / "lm.yaml", "lm-pretrain", manifest, tmp_path / "out")
-    recipe = LMPretrain(load_train_config(config), torch.device("cpu"))
+    config = write_config(tmp_path / "lm.yaml", "lm-pretrain", manifest, tmp_path / "out", **fields)
     captions = [record.caption for record in read_manifest(manifest, PairRecord)]
+    return LMPretrain(load_train_config(config), torch.device("cpu")), captions
+
+
+def reply_start(labels: list[int]) -> int:
+    return next(i for i, label in enumerate(labels) if label != -100)
+
+
+def test_lm_pretraining_learns_replies_not_the_prompt(world: Path, tmp_path: Path) -> None:
+    """Chat items carry loss on the assistant's caption only, for every caption instruction and system prompt."""
+    from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
+
+    recipe, captions = lm_pretrain_on_a_few_pairs(world, tmp_path)
     assert len(recipe.items) == len(captions) * len(CAPTION_INSTRUCTIONS) * 2
     tokenizer = recipe.llm.tokenizer
     for (ids, labels), caption in zip(recipe.items, [c for c in captions for _ in range(6)], strict=True):
-        first = next(i for i, label in enumerate(labels) if label != -100)
+        first = reply_start(labels)
         assert all(label != -100 for label in labels[first:]) and labels[first:] == ids[first:]
         assert tokenizer.decode(ids[first:]).strip() == f"{caption}<|im_end|>".strip()
         assert caption in tokenizer.decode(ids[:first])  # the media block the reply is read from
@@ -430,21 +440,15 @@ def test_lm_pretraining_learns_replies_not_the_prompt(world: Path, tmp_path: Pat
 def test_lm_pretraining_copy_drills_are_random_caption_words_copied_from_the_media_block(
         world: Path, tmp_path: Path) -> None:
     from anyverse.signals import MEDIA_END, MEDIA_START
-    from anyverse.train.config import load_train_config
-    from anyverse.train.lm_pretrain import LMPretrain
-    from anyverse.train.manifest import PairRecord, read_manifest
 
-    manifest = subset(world, "pairs-train.jsonl", "lm-pairs.jsonl", {"image": 2, "audio": 1})
-    config = write_config(tmp_path / "lm.yaml", "lm-pretrain", manifest, tmp_path / "out", copy_drills=5)
-    recipe = LMPretrain(load_train_config(config), torch.device("cpu"))
-    captions = [record.caption for record in read_manifest(manifest, PairRecord)]
+    recipe, captions = lm_pretrain_on_a_few_pairs(world, tmp_path, copy_drills=5)
     vocabulary = {word for caption in captions for word in caption.split()}
     drills = recipe.items[len(captions) * 6:]
     assert len(drills) == len(captions) * 5
     tokenizer = recipe.llm.tokenizer
     replies = set()
     for ids, labels in drills:
-        first = next(i for i, label in enumerate(labels) if label != -100)
+        first = reply_start(labels)
         reply = tokenizer.decode(ids[first:]).strip().removesuffix("<|im_end|>")
         prompt = tokenizer.decode(ids[:first])
         assert "system" not in prompt  # a tenth of the length of a chat with the system prompt

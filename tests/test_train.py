@@ -470,3 +470,46 @@ def test_decoder_retrieval_reports_captions_seen_in_training_and_unseen_ones(wor
     scores = decoder_retrieval(recipe.model, recipe.pool, train, test, audio)
     seen, unseen = scores["decoder_retrieval/seen"], scores["decoder_retrieval/unseen"]
     assert min(seen, unseen) <= scores["decoder_retrieval"] <= max(seen, unseen)
+
+
+def test_instruction_tuning_learns_every_assistant_turn_given_the_turns_before_it(world: Path, tmp_path: Path) -> None:
+    """A three-turn dialog gives one item per assistant turn and mode; the later turn sees the earlier reply as a
+    session shows it (its text and the image it made), not as the request that made it."""
+    from anyverse.signals import MEDIA_START
+    from anyverse.train.common import reply_text
+    from anyverse.train.config import load_train_config
+    from anyverse.train.instruction_tuning import InstructionTuning
+    from anyverse.train.manifest import DialogRecord, RequestRecord, SkipReport, read_manifest
+
+    image = {"id": "img_1", "media": "media/image/000000.png", "modality": "image"}
+    made = {"role": "assistant", "text": "here is a green square", "media": [image],
+            "requests": [{"modality": "image", "prompt": "a green square at the bottom right"}]}
+    described = {"role": "assistant", "text": "a green square at the bottom right",
+                 "requests": [{"modality": "audio", "prompt": "a long medium tone"}]}
+    dialog = {"messages": [{"role": "user", "text": "paint a green square"}, made,
+                           {"role": "user", "text": "describe img_1 and play it as audio"}, described]}
+    no_reply = {"messages": [{"role": "user", "text": "hello"}, {"role": "user", "text": "anyone?"}]}
+    manifest = world / "multi-turn.jsonl"
+    manifest.write_text(f"{json.dumps(dialog)}\n{json.dumps(no_reply)}\n")
+    report = SkipReport(manifest)
+    assert len(list(read_manifest(manifest, DialogRecord, report))) == 1
+    assert report.skipped == {"invalid record": 1}
+
+    config = write_config(tmp_path / "it.yaml", "instruction-tuning", manifest, tmp_path / "out")
+    recipe = InstructionTuning(load_train_config(config), torch.device("cpu"))
+    tokenizer = recipe.model.llm.tokenizer
+    modes = recipe.config.output_modes
+    assert sorted(modes) == ["meta", "signal"]
+    turns = [(0, made)] * 2 + [(1, described)] * 2  # (images the prompt shows, reply) per turn and mode
+    assert len(recipe.items) == len(turns)
+    for example, mode, (images_shown, turn) in zip(recipe.items, modes * 2, turns, strict=True):
+        first = reply_start(example.labels)
+        assert example.labels[first:] == example.ids[first:]
+        requests = [RequestRecord.model_validate(r) for r in turn["requests"]]
+        expected = reply_text(turn["text"], requests, mode, recipe.model)
+        assert tokenizer.decode(example.ids[first:], skip_special_tokens=False).startswith(expected)
+        prompt = tokenizer.decode(example.ids[:first], skip_special_tokens=False)
+        assert len(example.slots) == prompt.count(MEDIA_START) == images_shown
+        if images_shown:
+            assert "here is a green square" in prompt and "a green square at the bottom right" not in prompt
+

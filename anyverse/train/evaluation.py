@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +23,9 @@ from anyverse.model import AnyverseModel
 from anyverse.train.common import FeatureTable, spread
 from anyverse.train.manifest import PairRecord, SkipReport, read_manifest, resolve
 from anyverse.types import Media, Message, Modality
+
+if TYPE_CHECKING:
+    from anyverse.train.instruction_tuning import Dialog
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +82,9 @@ def caption_accuracy(model: AnyverseModel, pairs: list[tuple[Path, PairRecord]],
     return {key: sum(values) / len(values) for key, values in sorted(hits.items())}
 
 
-def routing_accuracy(model: AnyverseModel, dialogs: list[Any], modes: Sequence[str]) -> dict[str, float]:
-    """Per output mode: the greedy reply asks for exactly the expected modalities (in order) with valid requests;
-    also exact request prompts (meta) and exact replies to describe-only turns, per intent."""
+def routing_accuracy(model: AnyverseModel, dialogs: list[Dialog], modes: Sequence[str]) -> dict[str, float]:
+    """Per output mode and assistant turn: the greedy reply asks for exactly the expected modalities (in order)
+    with valid requests; also exact request prompts (meta) and exact replies to describe-only turns, per intent."""
     from anyverse.session import Anyverse
 
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -92,7 +95,7 @@ def routing_accuracy(model: AnyverseModel, dialogs: list[Any], modes: Sequence[s
         session = Anyverse(config, output_dir=Path("."), model=model)
         for dialog in dialogs:
             session.media = {str(m.id): m for message in dialog.history for m in message.media}
-            expected = dialog.record.messages[-1]
+            expected = dialog.reply
             text, requests, _ = session.draft(dialog.history)
             routed = [r.modality for r in requests] == [Modality(r.modality) for r in expected.requests]
             intent = dialog.record.attributes.get("intent", "all")

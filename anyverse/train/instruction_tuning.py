@@ -33,41 +33,44 @@ from anyverse.train.common import (
 )
 from anyverse.train.config import TrainConfig
 from anyverse.train.decoder_alignment import SignalItem, projection_loss
-from anyverse.train.manifest import DialogRecord, SkipReport, read_manifest, resolve
-from anyverse.types import Media, Message, Modality
+from anyverse.train.manifest import DialogRecord, SkipReport, TurnRecord, read_manifest, resolve
+from anyverse.types import Message, Modality
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Dialog:
+    """One assistant turn of a dialog record, with every turn before it (media resolved) as the context."""
+
     record: DialogRecord
-    history: list[Message]  # every turn before the last assistant reply, media resolved
+    history: list[Message]
+    reply: TurnRecord
 
 
 def load_dialogs(model: AnyverseModel, manifest: Path, limit: int | None = None) -> tuple[list[Dialog], FeatureTable]:
-    """Valid dialogs ending in an assistant turn whose media encoded, with the frozen-encoder features."""
+    """Every assistant turn of the valid dialogs whose media encoded, with the frozen-encoder features.
+
+    A multi-turn record gives one item per assistant turn, each rendered as inference renders it: earlier replies
+    appear as their text plus the media they produced, not as the requests that made them.
+    """
     report = SkipReport(manifest)
-    records = [r for r in read_manifest(manifest, DialogRecord, report) if r.messages[-1].role == "assistant"]
-    records = spread(records, limit)
+    records = spread(list(read_manifest(manifest, DialogRecord, report)), limit)
     log.info(report.summary())
     files = [(resolve(manifest, ref.media), ref.modality) for r in records for t in r.messages for ref in t.media]
     features = FeatureTable.build(model.encoder, files, model.config.caps)
     dialogs = []
     for record in records:
-        paths = [resolve(manifest, ref.media) for t in record.messages for ref in t.media]
-        if all(features.has(p) for p in paths):
-            dialogs.append(Dialog(record, _history(record, manifest, features)))
+        if not all(features.has(resolve(manifest, ref.media)) for t in record.messages for ref in t.media):
+            continue
+        messages = [Message(role=t.role, text=t.text,
+                            media=[features.media[resolve(manifest, ref.media)].with_id(ref.id) for ref in t.media])
+                    for t in record.messages]
+        dialogs += [Dialog(record, messages[:k], turn) for k, turn in enumerate(record.messages)
+                    if k and turn.role == "assistant"]
     if not dialogs:
         raise ValueError(f"{manifest}: no usable dialogs ({report.summary()})")
     return dialogs, features
-
-
-def _history(record: DialogRecord, manifest: Path, features: FeatureTable) -> list[Message]:
-    def media(turn_media: list[Any]) -> list[Media]:
-        return [features.media[resolve(manifest, ref.media)].with_id(ref.id) for ref in turn_media]
-
-    return [Message(role=t.role, text=t.text, media=media(t.media)) for t in record.messages[:-1]]
 
 
 class InstructionTuning(nn.Module):
@@ -81,7 +84,7 @@ class InstructionTuning(nn.Module):
         if config.train_lora:
             self._lora()
         in_modalities = {m.modality for m in self.features.media.values()}
-        out_modalities = {Modality(r.modality) for d in self.dialogs for r in d.record.messages[-1].requests}
+        out_modalities = {Modality(r.modality) for d in self.dialogs for r in d.reply.requests}
         for modality in in_modalities:
             self.model.input_projectors[modality.value].requires_grad_(True)
         for modality in out_modalities & {Modality(m) for m in self.model.output_projectors}:
@@ -105,9 +108,8 @@ class InstructionTuning(nn.Module):
             self.model.llm = attach_lora(self.model.llm, self.model.config.llm.lora)
 
     def _example(self, dialog: Dialog, mode: str) -> Example:
-        last = dialog.record.messages[-1]
-        target = reply_text(last.text, last.requests, mode, self.model)
-        return render_example(self.model, dialog.history, target, mode, last.requests)
+        target = reply_text(dialog.reply.text, dialog.reply.requests, mode, self.model)
+        return render_example(self.model, dialog.history, target, mode, dialog.reply.requests)
 
     def train(self, mode: bool = True) -> InstructionTuning:
         super().train(mode)

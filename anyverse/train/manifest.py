@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from anyverse.signals import MEDIA_ID_PATTERN
 from anyverse.types import OUTPUT_MODALITIES, Modality
@@ -59,15 +59,23 @@ class RequestRecord(Record):
 class TurnRecord(Record):
     role: Literal["user", "assistant"]
     text: str = ""
-    media: list[MediaRef] = Field(default_factory=list, description="user turns: attached media")
+    media: list[MediaRef] = Field(default_factory=list, description="user turns: attached media; assistant turns: "
+                                  "what their requests produced, which later turns see")
     requests: list[RequestRecord] = Field(default_factory=list, description="assistant turns: media to make")
 
 
 class DialogRecord(Record):
-    """One line of a dialogs manifest (instruction tuning): alternating user/assistant turns."""
+    """One line of a dialogs manifest (instruction tuning): user and assistant turns; every assistant turn is a
+    reply to learn (or score) given the turns before it."""
 
     messages: list[TurnRecord] = Field(min_length=2)
     attributes: dict[str, str] = Field(default_factory=dict, description="e.g. toy-world intent")
+
+    @model_validator(mode="after")
+    def _has_a_reply(self) -> DialogRecord:
+        if not any(t.role == "assistant" for t in self.messages[1:]):
+            raise ValueError("no assistant turn after the first turn: nothing to learn")
+        return self
 
 
 R = TypeVar("R", PairRecord, DialogRecord)

@@ -513,3 +513,13 @@ def test_instruction_tuning_learns_every_assistant_turn_given_the_turns_before_i
         if images_shown:
             assert "here is a green square" in prompt and "a green square at the bottom right" not in prompt
 
+
+def test_eval_limits_sample_every_group_of_a_grouped_manifest_evenly() -> None:
+    from collections import Counter
+
+    from anyverse.train.common import spread
+
+    grouped = ["image"] * 54 + ["audio"] * 54 + ["video"] * 54  # how the toy world's test manifest is ordered
+    assert Counter(spread(grouped, 120)) == {"image": 40, "audio": 40, "video": 40}
+    assert spread(grouped, 200) == grouped and spread(grouped, None) == grouped
+

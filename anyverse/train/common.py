@@ -126,8 +126,11 @@ def reply_text(text: str, requests: list[RequestRecord], mode: str, model: Anyve
 
 
 def spread(items: list[T], limit: int | None) -> list[T]:
-    """At most ``limit`` items taken evenly across ``items`` (manifests are often grouped by modality)."""
-    return items[:: max(1, len(items) // limit)][:limit] if limit else items
+    """At most ``limit`` items taken evenly across ``items`` (manifests are often grouped by modality, so a plain
+    prefix, or a whole-number stride cut short, would leave the last groups out)."""
+    if not limit or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
 
 
 def render_example(model: AnyverseModel, history: list[Message], target: str, mode: str,

@@ -523,3 +523,23 @@ def test_eval_limits_sample_every_group_of_a_grouped_manifest_evenly() -> None:
     assert Counter(spread(grouped, 120)) == {"image": 40, "audio": 40, "video": 40}
     assert spread(grouped, 200) == grouped and spread(grouped, None) == grouped
 
+
+def test_periodic_decoder_retrieval_encodes_the_caption_bank_once_and_scores_the_current_projectors(
+        world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anyverse.train import decoder_alignment
+    from anyverse.train.config import load_train_config
+
+    config = write_config(tmp_path / "da.yaml", "decoder-alignment", world / "pairs-train.jsonl", tmp_path / "out",
+                          modalities=["audio"], data={"train": str(world / "pairs-train.jsonl"),
+                                                      "eval": str(world / "pairs-test.jsonl")})
+    recipe = decoder_alignment.DecoderAlignment(load_train_config(config), torch.device("cpu"))
+    encoded: list[int] = []
+    encode = decoder_alignment.conditioning_targets
+    monkeypatch.setattr(decoder_alignment, "conditioning_targets",
+                        lambda pool, modality, prompts: encoded.append(len(prompts)) or encode(pool, modality, prompts))
+    first = recipe.evaluate()
+    assert len(encoded) == 1 and first == recipe.evaluate() and len(encoded) == 1
+    with torch.no_grad():
+        for param in recipe.model.output_projectors["audio"].parameters():
+            param.add_(torch.randn_like(param))
+    assert recipe.evaluate()["decoder_cosine"] != first["decoder_cosine"] and len(encoded) == 1

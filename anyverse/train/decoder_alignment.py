@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -220,13 +221,67 @@ class DecoderAlignment(nn.Module):
         lr = self.config.optim.projector_lr or self.config.optim.lr
         return [{"params": [p for p in self.model.output_projectors.parameters() if p.requires_grad], "lr": lr}]
 
-    def evaluate(self) -> dict[str, float]:
+    @cached_property
+    def retrieval_probe(self) -> RetrievalProbe:
         assert self.config.data.eval is not None
-        return decoder_retrieval(self.model, self.pool, self.config.data.train, self.config.data.eval,
-                                 set(self.modalities), self.config.data.max_eval_items)
+        return RetrievalProbe.build(self.model, self.pool, self.config.data.train, self.config.data.eval,
+                                    set(self.modalities), self.config.data.max_eval_items)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.retrieval_probe.score(self.model)
 
     def artifacts(self, directory: Path) -> dict[tuple[str | None, str], str | None]:
         return save_projectors(self.model, directory)
+
+
+@dataclass
+class RetrievalProbe:
+    """What decoder retrieval compares, computed once: the targets of every distinct caption (train and eval) and
+    the held-out captions' signal states. The generators' text encoders and (in decoder alignment) the LLM are
+    frozen, so a periodic eval re-runs only the output projectors."""
+
+    banks: dict[Modality, tuple[list[str], torch.Tensor]]  # captions and their flattened targets
+    queries: dict[Modality, list[SignalItem]]
+    seen: set[tuple[Modality, str]]
+
+    @classmethod
+    def build(cls, model: AnyverseModel, pool: Any, train_manifest: Path, eval_manifest: Path,
+              modalities: set[Modality], limit: int | None = None) -> RetrievalProbe:
+        trained = distinct_pairs([train_manifest], modalities)
+        held_out = distinct_pairs([eval_manifest], modalities)
+        bank = list(dict.fromkeys(trained + held_out))
+        queries = spread(held_out, limit)
+        probe = cls({}, {}, set(trained))
+        for modality in sorted({m for m, _ in queries}, key=str):
+            captions = [c for m, c in bank if m == modality]
+            targets = conditioning_targets(pool, modality, captions)
+            probe.banks[modality] = captions, torch.cat([targets[name].flatten(1) for name in sorted(targets)], dim=1)
+            probe.queries[modality] = signal_items(model, [(modality, c) for m, c in queries if m == modality])
+        return probe
+
+    def score(self, model: AnyverseModel) -> dict[str, float]:
+        """Recall@1 of the projected conditioning against every bank target, overall, per modality and per
+        seen/unseen caption, and the mean cosine to its own caption's target."""
+        scores: dict[str, float] = {}
+        hits_all, cos_all, by_split = [], [], defaultdict(list)
+        for modality, items in self.queries.items():
+            captions, bank = self.banks[modality]
+            with torch.no_grad():
+                predicted = model.output_projectors[modality.value](torch.stack([i.states for i in items]))
+            flat = torch.cat([predicted[name].flatten(1).cpu() for name in sorted(predicted)], dim=1)
+            nearest = torch.cdist(flat, bank).argmin(dim=1).tolist()
+            mine = [item.caption for item in items]
+            hits = [captions[j] == caption for j, caption in zip(nearest, mine, strict=True)]
+            own = bank[[captions.index(c) for c in mine]]
+            scores[f"decoder_retrieval/{modality.value}"] = sum(hits) / len(hits)
+            hits_all += hits
+            cos_all += F.cosine_similarity(flat, own, dim=-1).tolist()
+            for caption, hit in zip(mine, hits, strict=True):
+                by_split["seen" if (modality, caption) in self.seen else "unseen"].append(hit)
+        scores["decoder_retrieval"] = sum(hits_all) / len(hits_all)
+        scores |= {f"decoder_retrieval/{split}": sum(hits) / len(hits) for split, hits in sorted(by_split.items())}
+        scores["decoder_cosine"] = sum(cos_all) / len(cos_all)
+        return scores
 
 
 def decoder_retrieval(model: AnyverseModel, pool: Any, train_manifest: Path, eval_manifest: Path,
@@ -234,31 +289,4 @@ def decoder_retrieval(model: AnyverseModel, pool: Any, train_manifest: Path, eva
     """Recall@1 of projected conditioning against every distinct caption's target (train and eval), and the mean
     cosine, over every phrasing of each held-out caption's request; also split into captions seen in training and
     unseen ones (a compositional split), which tells a lookup from a projector that composes."""
-    trained = distinct_pairs([train_manifest], modalities)
-    held_out = distinct_pairs([eval_manifest], modalities)
-    bank, seen = list(dict.fromkeys(trained + held_out)), set(trained)
-    queries = spread(held_out, limit)
-    scores: dict[str, float] = {}
-    hits_all, cos_all, by_split = [], [], defaultdict(list)
-    for modality in sorted({m for m, _ in queries}, key=str):
-        captions = [c for m, c in bank if m == modality]
-        targets = conditioning_targets(pool, modality, captions)
-        flat_bank = torch.cat([v.flatten(1) for v in targets.values()], dim=1)
-        items = signal_items(model, [(modality, c) for m, c in queries if m == modality])
-        mine = [item.caption for item in items]
-        with torch.no_grad():
-            predicted = model.output_projectors[modality.value](torch.stack([i.states for i in items]))
-        flat = torch.cat([predicted[name].flatten(1).cpu() for name in targets], dim=1)
-        nearest = torch.cdist(flat, flat_bank).argmin(dim=1).tolist()
-        hits = [captions[j] == caption for j, caption in zip(nearest, mine, strict=True)]
-        own = flat_bank[[captions.index(c) for c in mine]]
-        cos = F.cosine_similarity(flat, own, dim=-1).tolist()
-        scores[f"decoder_retrieval/{modality.value}"] = sum(hits) / len(hits)
-        hits_all += hits
-        cos_all += cos
-        for caption, hit in zip(mine, hits, strict=True):
-            by_split["seen" if (modality, caption) in seen else "unseen"].append(hit)
-    scores["decoder_retrieval"] = sum(hits_all) / len(hits_all)
-    scores |= {f"decoder_retrieval/{split}": sum(hits) / len(hits) for split, hits in sorted(by_split.items())}
-    scores["decoder_cosine"] = sum(cos_all) / len(cos_all)
-    return scores
+    return RetrievalProbe.build(model, pool, train_manifest, eval_manifest, modalities, limit).score(model)

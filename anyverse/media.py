@@ -71,11 +71,18 @@ _WHITE = (255, 255, 255, 255)
 
 
 class MediaError(ValueError):
-    """Input that cannot be read safely. The message is one line: ``"<file>: <reason>"``."""
+    """Input that cannot be read safely. The message is one line: ``"<file>: <reason>"``. ``group`` names the
+    failure without this file's particulars (its path, sizes, the decoder's words), so skip counts over a dataset
+    add up the same failure across files; it is the reason itself where that has no particulars."""
+
+    def __init__(self, label: str, reason: str, group: str | None = None):
+        self.label, self.reason = label, re.sub(r"\s+", " ", reason).strip()
+        self.group = group or self.reason
+        super().__init__(re.sub(r"\s+", " ", f"{label}: {self.reason}").strip())
 
 
-def _error(label: str, reason: str) -> MediaError:
-    return MediaError(re.sub(r"\s+", " ", f"{label}: {reason}").strip())
+def _error(label: str, reason: str, group: str | None = None) -> MediaError:
+    return MediaError(label, reason, group)
 
 
 @contextmanager
@@ -89,15 +96,17 @@ def _guard(label: str, fmt: str, kind: str) -> Iterator[None]:
         logger.debug("decoding %s failed", label, exc_info=True)
         detail = str(err)[:200] or type(err).__name__
         if isinstance(err, Image.DecompressionBombError | MemoryError):
-            raise _error(label, f"{fmt.upper()} {kind} too large to decode safely ({detail})") from None
-        raise _error(label, f"truncated or corrupt {fmt.upper()} {kind} ({detail})") from None
+            too_large = f"{fmt.upper()} {kind} too large to decode safely"
+            raise _error(label, f"{too_large} ({detail})", too_large) from None
+        corrupt = f"truncated or corrupt {fmt.upper()} {kind}"
+        raise _error(label, f"{corrupt} ({detail})", corrupt) from None
 
 
 def _cap_error(label: str, what: str, value: float, cap: float, field: str) -> MediaError:
     """``"5.2 hours of audio exceeds the 4.0 hour cap (caps.max_audio_seconds)"``, in the cap's natural unit."""
     unit, scale = ("hour", 3600) if cap >= 3600 else ("minute", 60) if cap >= 60 else ("second", 1)
     return _error(label, f"{value / scale:.1f} {unit}s of {what} exceeds the {cap / scale:.1f} {unit} cap "
-                         f"(caps.{field})")
+                         f"(caps.{field})", f"over caps.{field}")
 
 
 # ---------------------------------------------------------------------------------------------------- sniffing
@@ -173,7 +182,8 @@ def _load_image(path: Path, fmt: str, label: str, caps: Caps) -> Image.Image:
         width, height = im.size
         if width * height > caps.max_image_pixels:
             raise _error(label, f"{width}x{height} image has {width * height:,} pixels, over the "
-                                f"{caps.max_image_pixels:,} cap (caps.max_image_pixels; decompression bomb?)")
+                                f"{caps.max_image_pixels:,} cap (caps.max_image_pixels; decompression bomb?)",
+                         "over caps.max_image_pixels")
         im.draft(im.mode, _fit_size(width, height, caps.image_side))
         im.load()
         ImageOps.exif_transpose(im, in_place=True)
@@ -255,11 +265,11 @@ def _open_video(path: Path, fmt: str, label: str, caps: Caps) -> Iterator[tuple[
             frames = stream.frames or round(duration * float(stream.average_rate or 0))
             if frames > caps.max_video_frames:
                 raise _error(label, f"{frames:,} video frames exceed the {caps.max_video_frames:,} cap "
-                                    "(caps.max_video_frames)")
+                                    "(caps.max_video_frames)", "over caps.max_video_frames")
             width, height = stream.codec_context.width, stream.codec_context.height
             if width * height > caps.max_video_pixels:
                 raise _error(label, f"{width}x{height} video frames exceed the {caps.max_video_pixels:,} pixel cap "
-                                    "(caps.max_video_pixels)")
+                                    "(caps.max_video_pixels)", "over caps.max_video_pixels")
             yield container, stream, duration
         finally:
             container.close()
@@ -293,16 +303,18 @@ def _load(named: Path, caps: Caps, modality: Modality | None, label: str, origin
     resolved = named.resolve()
     if caps.allowed_roots is not None:
         if not any(resolved.is_relative_to(Path(root).resolve()) for root in caps.allowed_roots):
-            raise _error(label, f"resolves to {resolved}, outside the allowed roots (caps.allowed_roots)")
+            raise _error(label, f"resolves to {resolved}, outside the allowed roots (caps.allowed_roots)",
+                         "outside caps.allowed_roots")
     else:
         base = named.absolute().parent.resolve()
         if not resolved.is_relative_to(base):
-            raise _error(label, f"symlink points outside {base}")
+            raise _error(label, f"symlink points outside {base}", "symlink points outside its directory")
     size = resolved.stat().st_size
     if size == 0:
         raise _error(label, "empty file")
     if size > caps.max_file_bytes:
-        raise _error(label, f"{size:,} bytes exceeds the {caps.max_file_bytes:,} byte cap (caps.max_file_bytes)")
+        raise _error(label, f"{size:,} bytes exceeds the {caps.max_file_bytes:,} byte cap (caps.max_file_bytes)",
+                     "over caps.max_file_bytes")
     with open(resolved, "rb") as f:
         sniffed = sniff(f.read(_HEAD_BYTES))
     if sniffed is None:
@@ -341,7 +353,7 @@ def media_from_bytes(
         raise _error(original_name, "empty file")
     if len(data) > caps.max_file_bytes:
         raise _error(original_name, f"{len(data):,} bytes exceeds the {caps.max_file_bytes:,} byte cap "
-                                    "(caps.max_file_bytes)")
+                                    "(caps.max_file_bytes)", "over caps.max_file_bytes")
     sniffed = sniff(data[:_HEAD_BYTES])
     if sniffed is None:
         raise _error(original_name, "not a supported image, audio or video file")

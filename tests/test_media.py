@@ -388,6 +388,8 @@ def test_bad_input_raises_one_line_media_error(tmp_path: Path, case: str) -> Non
         load_media(path, Caps(**caps_kwargs))
     message = str(info.value)
     assert path.name in message and "\n" not in message
+    assert message == f"{info.value.label}: {info.value.reason}"
+    assert path.name not in info.value.group and " bytes" not in info.value.group  # counts add up across files
     assert info.value.__cause__ is None
 
 

@@ -68,7 +68,7 @@ class FeatureTable:
                 table.media[path] = load_media(path, caps, modality if modality in (
                     Modality.DEPTH, Modality.THERMAL) else None)
             except MediaError as err:
-                table.skip(path, str(err))
+                table.skip(path, err)
         by_modality: dict[Modality, list[Media]] = {}
         for item in table.media.values():
             by_modality.setdefault(item.modality, []).append(item)
@@ -79,10 +79,10 @@ class FeatureTable:
             log.warning("features: skipped %d files (%s)", sum(table.skipped.values()), dict(table.skipped))
         return table
 
-    def skip(self, path: Path, reason: str) -> None:
-        self.skipped[reason.split(":")[-1].strip()[:80]] += 1
+    def skip(self, path: Path, err: MediaError) -> None:
+        self.skipped[err.group[:80]] += 1
         self.media.pop(path, None)
-        log.debug("skipping %s: %s", path, reason)
+        log.debug("skipping %s", err)
 
     def _encode(self, encoder: ImageBindEncoder, batch: list[Media], caps: Any) -> None:
         """A batch at once; if a file in it fails to decode, item by item so only that file is skipped."""
@@ -90,7 +90,7 @@ class FeatureTable:
             out = encoder.encode(batch, caps)
         except MediaError as err:
             if len(batch) == 1:
-                self.skip(batch[0].path, str(err))
+                self.skip(batch[0].path, err)
             else:
                 for item in batch:
                     self._encode(encoder, [item], caps)

@@ -209,7 +209,7 @@ class DecoderAlignment(nn.Module):
                 try:
                     self.media[key].append(load_media(path, self.model_config.caps))
                 except MediaError as err:
-                    self.skipped[str(err).split(":")[-1].strip()[:80]] += 1
+                    self.skipped[err.group[:80]] += 1
                     log.warning("denoising loss: skipping %s (%d files so far: %s)", err, self.skipped.total(),
                                 dict(self.skipped))
         found = self.media[key]

@@ -153,6 +153,16 @@ def test_dialogs_follow_their_media(world: Path) -> None:
                 assert reply.requests[0].source == "img_1" and reply.requests[0].prompt.split()[1] in user.text
 
 
+
+def test_describe_dialogs_ask_in_every_phrasing_encoder_alignment_captions_with() -> None:
+    """Instruction tuning must keep each caption instruction a plain caption request: one it never saw came back as a
+    caption plus a sound request (the describe-and-sound intent) and failed caption_accuracy."""
+    from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
+    from anyverse.train.toyworld import _DESCRIBE
+
+    for modality, phrasings in _DESCRIBE.items():
+        assert set(CAPTION_INSTRUCTIONS) <= set(phrasings), modality
+
 def test_rerun_replaces_an_earlier_world(tmp_path: Path) -> None:
     make_toyworld(tmp_path, n=MIN_N + 6, seed=0)
     make_toyworld(tmp_path, n=MIN_N, seed=0)

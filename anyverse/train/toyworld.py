@@ -52,9 +52,14 @@ HELD_OUT: dict[Modality, dict[str, str]] = {
 # Image -> sound for the describe_and_sound intent: a fixed, learnable mapping between the worlds.
 _PITCH_OF = {"red": "low", "green": "medium", "blue": "high", "yellow": "medium"}
 _KIND_OF = {"circle": "tone", "square": "tone", "triangle": "chirp"}
-_DESCRIBE = {IMAGE: ["what is in {id}?", "describe {id}", "what does {id} show?", "tell me what is in {id}"],
-             AUDIO: ["describe {id}", "what do you hear in {id}?", "what sound is {id}?", "tell me about {id}"],
-             VIDEO: ["what happens in {id}?", "describe {id}", "what does {id} show?", "tell me what {id} shows"]}
+# Each holds encoder alignment's caption instructions too: one that instruction tuning never saw ("write a caption
+# for img_1") came back, after it, as a caption plus a sound request, the nearest intent it had learnt.
+_DESCRIBE = {IMAGE: ["what is in {id}?", "describe {id}", "what does {id} show?", "tell me what is in {id}",
+                     "write a caption for {id}"],
+             AUDIO: ["describe {id}", "what do you hear in {id}?", "what sound is {id}?", "tell me about {id}",
+                     "what is in {id}?", "write a caption for {id}"],
+             VIDEO: ["what happens in {id}?", "describe {id}", "what does {id} show?", "tell me what {id} shows",
+                     "what is in {id}?", "write a caption for {id}"]}
 # User phrasings per intent: (shared by both splits, test only).
 TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
     "make_image": (["draw {p}", "make an image of {p}", "show me a picture of {p}", "paint {p}"],

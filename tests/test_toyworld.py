@@ -14,7 +14,17 @@ from typer.testing import CliRunner
 from anyverse.config import Caps
 from anyverse.media import decode_audio, decode_image, decode_video_clips, load_media
 from anyverse.train.manifest import DialogRecord, PairRecord, SkipReport, read_manifest
-from anyverse.train.toyworld import COLOURS, HELD_OUT, MIN_N, PITCH_HZ, VOCABULARY, caption, is_held_out, make_toyworld
+from anyverse.train.toyworld import (
+    COLOURS,
+    HELD_OUT,
+    MIN_N,
+    PITCH_HZ,
+    PRETRAIN_PER_ITEM,
+    VOCABULARY,
+    caption,
+    is_held_out,
+    make_toyworld,
+)
 from anyverse.types import Modality
 
 N, SEED = 30, 1
@@ -58,17 +68,28 @@ def digests(directory: Path) -> dict[str, str]:
 def test_same_seed_gives_the_same_bytes(world: Path, tmp_path: Path) -> None:
     make_toyworld(tmp_path / "again", n=N, seed=SEED)
     expected = digests(world)
-    assert len(expected) == 3 * N + 7  # media + 4 manifests, text.txt, README.md, toyworld.json
+    # media, pretraining media, 5 manifests, text.txt, README.md, toyworld.json
+    assert len(expected) == (3 + sum(PRETRAIN_PER_ITEM.values())) * N + 8
     assert digests(tmp_path / "again") == expected
     make_toyworld(tmp_path / "other", n=N, seed=SEED + 1)
     assert digests(tmp_path / "other")["media/image/000000.png"] != expected["media/image/000000.png"]
 
 
 def test_manifests_cover_every_item_once(world: Path) -> None:
+    extra = [r for r in pairs(world, "pretrain") if r.attributes["split"] == "pretrain"]
     records = pairs(world, "train") + pairs(world, "test")
+    assert pairs(world, "pretrain") == pairs(world, "train") + extra
+    for modality, ext in ((Modality.IMAGE, "png"), (Modality.AUDIO, "wav")):
+        paths = [r.media for r in extra if r.modality == modality]
+        count = PRETRAIN_PER_ITEM[modality] * N
+        assert paths == [f"media/pretrain-{modality.value}/{i:06d}.{ext}" for i in range(count)]
+    assert {r.modality for r in extra} == set(PRETRAIN_PER_ITEM)
+    assert not any(is_held_out(r.modality, r.attributes) for r in extra)
+    assert [r.caption for r in extra] == [caption(r.modality, r.attributes) for r in extra]
     for modality, ext in ((Modality.IMAGE, "png"), (Modality.AUDIO, "wav"), (Modality.VIDEO, "mp4")):
         paths = sorted(r.media for r in records if r.modality == modality)
         assert paths == [f"media/{modality.value}/{i:06d}.{ext}" for i in range(N)]
+    records += extra
     meta = json.loads((world / "toyworld.json").read_text())
     assert (meta["seed"], meta["n"]) == (SEED, N)
     assert meta["vocabulary"]["audio"]["pitch"] == list(PITCH_HZ)
@@ -81,7 +102,7 @@ def test_manifests_cover_every_item_once(world: Path) -> None:
 
 def test_media_decode_as_captioned(world: Path) -> None:
     """Every file decodes as its modality, and what it shows or sounds like is what the caption says."""
-    for record in pairs(world, "train") + pairs(world, "test"):
+    for record in pairs(world, "pretrain") + pairs(world, "test"):
         a = record.attributes
         assert record.caption == caption(record.modality, a)
         assert all(a[k] in values for k, values in VOCABULARY[record.modality].items())

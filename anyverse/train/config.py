@@ -66,7 +66,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(default=2, gt=0)
     lm_arch: dict[str, int] = Field(default_factory=dict, description="lm-pretrain: tiny Llama sizes")
     copy_drills: int = Field(default=0, ge=0, description="lm-pretrain: copy drills per caption pair")
-    encoder_arch: dict[str, int] = Field(default_factory=dict, description="encoder-pretrain: tiny ImageBind sizes")
+    encoder_arch: dict[str, int | list[int]] = Field(
+        default_factory=dict, description="encoder-pretrain: tiny ImageBind sizes (kernel_size: [t, h, w])")
     temperature: float = Field(default=0.07, gt=0, description="encoder-pretrain: InfoNCE temperature")
 
     @model_validator(mode="after")

@@ -51,14 +51,19 @@ class GridProjector(nn.Module):
     something is stays readable. A CLS token or learned-query attention must first learn to bind content to
     position; the toy world's tiny towers never did (object position at chance from the pooled embedding and from
     a resampler, 1.0 from a 2x2 grid of the same frozen tokens).
+
+    The MLP reads the pooled embedding too: what the tower learnt about the whole object lives there. The toy
+    world's pooled vision embedding tells shape apart (linear probe 1.0 on held-out images) where the averaged
+    cells do not (0.76), and the cells tell position (1.0) where the pooled embedding does not (0.27).
     """
 
-    def __init__(self, token_dim: int, llm_dim: int, cfg: InputProjectorConfig):
+    def __init__(self, embed_dim: int, token_dim: int, llm_dim: int, cfg: InputProjectorConfig):
         super().__init__()
         hidden = cfg.hidden_dim or llm_dim
         self.grid, self.num_tokens, self.llm_dim = cfg.grid, cfg.num_tokens, llm_dim
         self.norm = nn.LayerNorm(token_dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.grid**2 * token_dim, hidden), nn.GELU(),
+        self.pooled_norm = nn.LayerNorm(embed_dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.grid**2 * token_dim + embed_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, cfg.num_tokens * llm_dim))
 
     def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -69,7 +74,8 @@ class GridProjector(nn.Module):
                              "(use it for image and video, whose ImageBind patches do)")
         cells = patches.reshape(len(tokens), side, side, -1).permute(0, 3, 1, 2)
         cells = F.adaptive_avg_pool2d(cells, self.grid).flatten(2).transpose(1, 2)  # [B, grid^2, token_dim]
-        return self.mlp(self.norm(cells).flatten(1)).view(len(tokens), self.num_tokens, self.llm_dim)
+        features = torch.cat([self.norm(cells).flatten(1), self.pooled_norm(pooled)], dim=1)
+        return self.mlp(features).view(len(tokens), self.num_tokens, self.llm_dim)
 
 
 def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int) -> nn.Module:
@@ -82,7 +88,7 @@ def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: 
         mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, k * llm_dim))
         return PooledProjector(mlp, k, llm_dim)
     if cfg.kind == "grid":
-        return GridProjector(token_dim, llm_dim, cfg)
+        return GridProjector(embed_dim, token_dim, llm_dim, cfg)
     return Resampler(token_dim, llm_dim, cfg)
 
 

@@ -92,6 +92,17 @@ def test_grid_projector_sees_where_content_is_but_not_its_order_within_a_cell() 
     assert (top_left - bottom_right).abs().max() > 1e-3
 
 
+def test_grid_projector_reads_the_pooled_embedding_too() -> None:
+    """Shape lives in the toy towers' pooled embedding, not in averaged cells: the same cells with another pooled
+    embedding must project differently."""
+    torch.manual_seed(0)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8)
+    tokens = vision_tokens({(0, 0): 1.0})
+    pooled = torch.randn(2, 5)
+    out = proj(pooled, tokens.expand(2, -1, -1))
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
 def test_grid_projector_refuses_tokens_that_are_not_a_square_grid() -> None:
     proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=2, grid=2), 5, 6, 8)
     with pytest.raises(ValueError, match="12 patch tokens do not form a square grid"):

@@ -101,7 +101,7 @@ class AnyverseModel(nn.Module):
         torch.manual_seed(0)  # untrained projectors are reproducible
         inputs = nn.ModuleDict({
             m.value: build_input_projector(config.input_projector(m), encoder.embed_dim, encoder.token_dim(m),
-                                           llm.hidden_size)
+                                           llm.hidden_size, encoder.patch_grid(m))
             for m in INPUT_MODALITIES
         })
         outputs = nn.ModuleDict({

@@ -7,7 +7,6 @@ Every width comes from the loaded encoder, LLM or generator spec; none is a cons
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -57,29 +56,32 @@ class GridProjector(nn.Module):
     cells do not (0.76), and the cells tell position (1.0) where the pooled embedding does not (0.27).
     """
 
-    def __init__(self, embed_dim: int, token_dim: int, llm_dim: int, cfg: InputProjectorConfig):
+    def __init__(self, embed_dim: int, token_dim: int, llm_dim: int, cfg: InputProjectorConfig,
+                 patch_grid: tuple[int, int]):
         super().__init__()
         hidden = cfg.hidden_dim or llm_dim
-        self.grid, self.num_tokens, self.llm_dim = cfg.grid, cfg.num_tokens, llm_dim
+        self.grid, self.patch_grid, self.num_tokens, self.llm_dim = cfg.grid, patch_grid, cfg.num_tokens, llm_dim
         self.norm = nn.LayerNorm(token_dim)
         self.pooled_norm = nn.LayerNorm(embed_dim)
         self.mlp = nn.Sequential(nn.Linear(cfg.grid**2 * token_dim + embed_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, cfg.num_tokens * llm_dim))
 
     def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        patches = tokens[:, 1:]  # ImageBind's vision tokens: CLS, then the patch grid in raster order
-        side = math.isqrt(patches.shape[1])
-        if side * side != patches.shape[1]:
-            raise ValueError(f"grid projector: {patches.shape[1]} patch tokens do not form a square grid "
-                             "(use it for image and video, whose ImageBind patches do)")
-        cells = patches.reshape(len(tokens), side, side, -1).permute(0, 3, 1, 2)
+        patches = tokens[:, 1:]  # ImageBind's tokens: CLS, then the patch grid in raster order
+        rows, cols = self.patch_grid
+        if rows * cols != patches.shape[1]:
+            raise ValueError(f"grid projector: {patches.shape[1]} patch tokens do not form the encoder's "
+                             f"{rows}x{cols} patch grid")
+        cells = patches.reshape(len(tokens), rows, cols, -1).permute(0, 3, 1, 2)
         cells = F.adaptive_avg_pool2d(cells, self.grid).flatten(2).transpose(1, 2)  # [B, grid^2, token_dim]
         features = torch.cat([self.norm(cells).flatten(1), self.pooled_norm(pooled)], dim=1)
         return self.mlp(features).view(len(tokens), self.num_tokens, self.llm_dim)
 
 
-def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int) -> nn.Module:
-    """``forward(pooled [B, embed_dim], tokens [B, N, token_dim]) -> [B, k, llm_dim]``."""
+def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
+                          patch_grid: tuple[int, int]) -> nn.Module:
+    """``forward(pooled [B, embed_dim], tokens [B, 1 + rows * cols, token_dim]) -> [B, k, llm_dim]``; ``patch_grid``
+    is the encoder's ``(rows, cols)`` of patches, which the grid projector folds the tokens back into."""
     k = cfg.num_tokens
     if cfg.kind == "linear":
         return PooledProjector(nn.Linear(embed_dim, k * llm_dim), k, llm_dim)
@@ -88,7 +90,7 @@ def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: 
         mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, k * llm_dim))
         return PooledProjector(mlp, k, llm_dim)
     if cfg.kind == "grid":
-        return GridProjector(embed_dim, token_dim, llm_dim, cfg)
+        return GridProjector(embed_dim, token_dim, llm_dim, cfg, patch_grid)
     return Resampler(token_dim, llm_dim, cfg)
 
 

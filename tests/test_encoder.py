@@ -70,6 +70,8 @@ def test_every_media_modality_encodes(encoder: ib.ImageBindEncoder, items: _Item
     out = encoder.encode(pair, CAPS)
     assert out.pooled.shape == (2, encoder.embed_dim)
     assert out.tokens.shape == (2, NUM_TOKENS[modality], encoder.token_dim(modality))
+    rows, cols = encoder.patch_grid(modality)  # what a grid projector folds the patch tokens back into
+    assert 1 + rows * cols == NUM_TOKENS[modality]
     assert torch.isfinite(out.pooled).all() and torch.isfinite(out.tokens).all()
     assert not torch.allclose(out.pooled[0], out.pooled[1])
     again = encoder.encode(pair, CAPS)

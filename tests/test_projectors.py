@@ -82,7 +82,7 @@ def vision_tokens(cells: dict[tuple[int, int], float], side: int = 4) -> torch.T
 
 def test_grid_projector_sees_where_content_is_but_not_its_order_within_a_cell() -> None:
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4))
     assert isinstance(proj, GridProjector)
     top_left = proj(torch.zeros(1, 5), vision_tokens({(0, 0): 1.0}))
     assert top_left.shape == (1, 3, 8)
@@ -96,14 +96,19 @@ def test_grid_projector_reads_the_pooled_embedding_too() -> None:
     """Shape lives in the toy towers' pooled embedding, not in averaged cells: the same cells with another pooled
     embedding must project differently."""
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4))
     tokens = vision_tokens({(0, 0): 1.0})
     pooled = torch.randn(2, 5)
     out = proj(pooled, tokens.expand(2, -1, -1))
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
-def test_grid_projector_refuses_tokens_that_are_not_a_square_grid() -> None:
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=2, grid=2), 5, 6, 8)
-    with pytest.raises(ValueError, match="12 patch tokens do not form a square grid"):
-        proj(torch.zeros(1, 5), torch.zeros(1, 13, 6))  # e.g. audio's 12-patch spectrogram layout
+def test_grid_projector_folds_a_rectangular_patch_grid_and_refuses_another_layout() -> None:
+    """Audio's patches are frequency rows x time columns: a sound's pitch is the row its energy is in."""
+    torch.manual_seed(0)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=2, grid=2), 5, 6, 8, (2, 6))
+    low, high = torch.zeros(1, 13, 6), torch.zeros(1, 13, 6)
+    low[0, 1 + 6 * 1 + 2], high[0, 1 + 2] = torch.arange(1.0, 7.0), torch.arange(1.0, 7.0)  # same time, other row
+    assert (proj(torch.zeros(1, 5), low) - proj(torch.zeros(1, 5), high)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="16 patch tokens do not form the encoder's 2x6 patch grid"):
+        proj(torch.zeros(1, 5), torch.zeros(1, 17, 6))

@@ -343,6 +343,18 @@ class ImageBindEncoder:
         """Width ``Dt`` of :attr:`EncoderOutput.tokens` for ``modality``."""
         return int(getattr(self.arch, f"{TOWER[modality]}_embed_dim"))
 
+    def patch_grid(self, modality: Modality) -> tuple[int, int]:
+        """``(rows, cols)`` of the patch tokens after the CLS, read from the modality's patch stem: 16x16 for 224 px
+        images with 14 px patches, 12 frequency x 19 time rows for audio's 128x204 log-mel."""
+        m: Any = self.model
+        pre = m.modality_preprocessors[TOWER[modality]]
+        stem = pre.rgbt_stem or pre.depth_stem
+        conv = next(c for c in stem.modules() if isinstance(c, nn.Conv2d | nn.Conv3d))
+        size = ((self.arch.audio_num_mel_bins, self.arch.audio_target_len) if modality is Modality.AUDIO
+                else (pp.IMAGE_SIZE, pp.IMAGE_SIZE))
+        rows, cols = ((n - k) // s + 1 for n, k, s in zip(size, conv.kernel_size[-2:], conv.stride[-2:], strict=True))
+        return rows, cols
+
     def forward_tokens(self, key: str, x: torch.Tensor) -> _Pair:
         """One modality through ImageBindModel's own parts, as its ``forward`` does, also returning tokens."""
         clips = x.shape[:2] if x.ndim >= 5 else None  # audio and video carry a clip axis

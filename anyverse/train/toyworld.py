@@ -136,12 +136,15 @@ def _cycle(pool: list[tuple[str, ...]], k: int, rng: np.random.Generator) -> lis
     return out[:k]
 
 
-def _sample(modality: Modality, n: int, rng: np.random.Generator) -> list[dict[str, str]]:
-    """n attribute sets with a split; test combos always also occur in train, held-out ones only in compositional."""
+def _sample(modality: Modality, n: int, rng: np.random.Generator, pretrain: bool = False) -> list[dict[str, str]]:
+    """n attribute sets with a split; test combos always also occur in train, held-out ones only in compositional.
+    With ``pretrain``, n sets of split ``pretrain``, from training combinations only (for encoder pretraining)."""
     keys = list(VOCABULARY[modality])
     combos = list(itertools.product(*VOCABULARY[modality].values()))
     held = [c for c in combos if is_held_out(modality, dict(zip(keys, c, strict=True)))]
     seen = [c for c in combos if c not in held]
+    if pretrain:
+        return [{**dict(zip(keys, c, strict=True)), "split": "pretrain"} for c in _cycle(seen, n, rng)]
     n_held = max(1, round(n * len(held) / len(combos)))
     n_test = max(1, round(TEST_FRACTION * (n - n_held)))
     train = _cycle(seen, n - n_held - n_test, rng)
@@ -149,14 +152,6 @@ def _sample(modality: Modality, n: int, rng: np.random.Generator) -> list[dict[s
               ("compositional", _cycle(held, n_held, rng))]
     items = [{**dict(zip(keys, c, strict=True)), "split": s} for s, group in splits for c in group]
     return [items[i] for i in rng.permutation(n)]
-
-
-def _pretrain_sample(modality: Modality, n: int, rng: np.random.Generator) -> list[dict[str, str]]:
-    """n attribute sets for encoder pretraining: training combinations only, never a held-out one."""
-    keys = list(VOCABULARY[modality])
-    combos = [c for c in itertools.product(*VOCABULARY[modality].values())
-              if not is_held_out(modality, dict(zip(keys, c, strict=True)))]
-    return [{**dict(zip(keys, c, strict=True)), "split": "pretrain"} for c in _cycle(combos, n, rng)]
 
 
 def _colour(name: str, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -218,7 +213,7 @@ def _write_media(directory: Path, modality: Modality, n: int, seed: int, pretrai
     folder = f"pretrain-{modality.value}" if pretrain else modality.value
     out_dir = directory / "media" / folder
     items = []
-    for index, attributes in enumerate(_pretrain_sample(modality, n, rng) if pretrain else _sample(modality, n, rng)):
+    for index, attributes in enumerate(_sample(modality, n, rng, pretrain)):
         media: Media
         if modality == IMAGE:
             media = save_image(_image(attributes, rng), out_dir)

@@ -208,6 +208,7 @@ def _video(a: dict[str, str], rng: np.random.Generator) -> np.ndarray:
 def _write_media(directory: Path, modality: Modality, n: int, seed: int, pretrain: bool = False) -> list[Item]:
     """Render n items and place them as media/<modality>/<index>.<ext> (the writers name by hash; we rename); with
     ``pretrain``, n encoder-pretraining items in media/pretrain-<modality>/ from a stream of their own."""
+    # random streams: 0-2 the modalities' media, 3 the dialogs, 4-6 the pretraining media
     stream = list(VOCABULARY).index(modality) + (len(VOCABULARY) + 1 if pretrain else 0)
     rng = np.random.default_rng([seed, stream])
     folder = f"pretrain-{modality.value}" if pretrain else modality.value

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from anyverse.types import OUTPUT_MODALITIES, Modality
+
+GENERATOR_NAME = r"[a-z0-9][a-z0-9_-]{0,63}"
 
 
 class Strict(BaseModel):
@@ -128,7 +131,7 @@ class OutputConfig(Strict):
 
 
 class GeneratorConfig(Component):
-    plugin: str = Field(description="registered generator name, e.g. 'stable-diffusion'")
+    plugin: str | None = Field(default=None, description="registered plugin name; default: the entry's name")
     options: dict[str, Any] = Field(default_factory=dict, description="defaults, validated by the plugin")
     offload: bool = Field(default=False, description="diffusers model CPU offload (accelerators only)")
 
@@ -149,15 +152,30 @@ class AnyverseConfig(Strict):
     projector_weights: str | None = Field(default=None, description="safetensors file with trained projectors")
     llm: LLMConfig
     output: OutputConfig = Field(default_factory=OutputConfig)
-    generators: dict[Modality, GeneratorConfig]
+    generators: dict[str, GeneratorConfig] = Field(
+        description="name -> generator; a request or --generator picks one by this name (or its plugin's). The "
+                    "old form, keyed by modality, still loads: such an entry is that modality's default.")
+    generator_defaults: dict[Modality, dict[str, str]] = Field(
+        default_factory=dict, description="modality -> capability -> generator name, e.g. image: {edit: pix2pix}; "
+                                          "unset ones fall back to the first configured generator that can")
     caps: Caps = Field(default_factory=Caps)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
-    def _generators_make_outputs(self) -> AnyverseConfig:
-        bad = [m.value for m in self.generators if m not in OUTPUT_MODALITIES]
+    def _generators_are_named(self) -> AnyverseConfig:
+        for name, entry in self.generators.items():
+            if not re.fullmatch(GENERATOR_NAME, name):
+                raise ValueError(f"generators.{name}: a name is lower-case letters, digits, '-' or '_'")
+            if entry.plugin is None:
+                entry.plugin = name
+        bad = [m.value for m in self.generator_defaults if m not in OUTPUT_MODALITIES]
         if bad:
-            raise ValueError(f"generators: no generator can produce {bad}")
+            raise ValueError(f"generator_defaults: no generator can produce {bad}")
+        for modality, chosen in self.generator_defaults.items():
+            for capability, name in chosen.items():
+                if name not in self.generators:
+                    raise ValueError(f"generator_defaults.{modality.value}.{capability}: {name!r} is not configured "
+                                     f"under generators (configured: {', '.join(self.generators)})")
         return self
 
     def input_projector(self, modality: Modality) -> InputProjectorConfig:

@@ -98,8 +98,10 @@ class RequestConstraints(LogitsProcessor):
         return self._ids[REQUEST_OPEN] in ids
 
 
-def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...], require: Modality | None):
-    """xgrammar processor: free text, and schema-valid JSON between request markers. None if not installed."""
+def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...], require: Modality | None,
+                      generators: tuple[str, ...] = (), options: str | None = None):
+    """xgrammar processor: free text, and schema-valid JSON between request markers (``generators`` and
+    ``options`` as ``meta_json_schema`` takes them). None if not installed."""
     try:
         import xgrammar as xgr
     except ImportError:
@@ -115,7 +117,7 @@ def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[st
     open_id, close_id = llm.token_id(REQUEST_OPEN), llm.token_id(REQUEST_CLOSE)
     excluded: list[int | str] = [llm.token_id(t) for t in (REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END,
                                           *llm.vocab.all_signal_tokens)]
-    schema = meta_json_schema(max_prompt_chars, media_ids, (require.value,) if require else ())
+    schema = meta_json_schema(max_prompt_chars, media_ids, (require.value,) if require else (), generators, options)
     tag = StructuralTag(
         format=TokenTriggeredTagsFormat(
             trigger_tokens=[open_id],

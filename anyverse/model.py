@@ -21,6 +21,7 @@ from torch import nn
 from anyverse.config import AnyverseConfig, anyverse_home
 from anyverse.encoders.imagebind import ImageBindEncoder
 from anyverse.llm import LoadedLLM, load_adapter, load_llm
+from anyverse.pool import generator_menu
 from anyverse.projectors import OutputProjector, build_input_projector
 from anyverse.signals import MEDIA_END, MEDIA_START, MEDIA_TOKEN, REQUEST_CLOSE, REQUEST_OPEN, SignalVocabulary
 from anyverse.types import Media, Message, Modality
@@ -42,15 +43,20 @@ class Context:
 
 def system_prompt(config: AnyverseConfig, vocab: SignalVocabulary, mode: str | None = None) -> str:
     """The versioned system prompt from ``prompts/<version>/system_<mode>.md`` with this config's values."""
+    values = {"request_open": REQUEST_OPEN, "request_close": REQUEST_CLOSE,
+              "max_prompt_chars": config.output.max_prompt_chars, "generators": generator_menu(config)}
+    for modality in vocab.counts:
+        values[f"{modality.value}_tokens"] = "".join(vocab.signal_tokens(modality))
+    return Template(prompt_template(config, mode)).safe_substitute(values).strip()
+
+
+def prompt_template(config: AnyverseConfig, mode: str | None = None) -> str:
+    """The raw ``prompts/<version>/system_<mode>.md``."""
     name = f"{config.llm.system_prompt}/system_{mode or config.output.mode}.md"
     source = resources.files("anyverse.prompts") / name
     if not source.is_file():
         raise ValueError(f"prompts/{name}: no such system prompt (llm.system_prompt={config.llm.system_prompt!r})")
-    values = {"request_open": REQUEST_OPEN, "request_close": REQUEST_CLOSE,
-              "max_prompt_chars": config.output.max_prompt_chars}
-    for modality in vocab.counts:
-        values[f"{modality.value}_tokens"] = "".join(vocab.signal_tokens(modality))
-    return Template(source.read_text()).safe_substitute(values).strip()
+    return source.read_text()
 
 
 def fingerprint(encoder: ImageBindEncoder, llm: LoadedLLM) -> dict[str, Any]:
@@ -69,6 +75,8 @@ class AnyverseModel(nn.Module):
         self.input_projectors, self.output_projectors = input_projectors, output_projectors
         self.system_prompts = {mode: system_prompt(config, llm.vocab, mode) for mode in ("meta", "signal")}
         self.system_prompt = self.system_prompts[config.output.mode]
+        # A prompt that lists the generators lets the model name one; older (trained) prompts keep their schema.
+        self.names_generators = "$generators" in prompt_template(config, "meta")
 
     @property
     def llm(self) -> LoadedLLM:

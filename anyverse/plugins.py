@@ -1,40 +1,53 @@
-"""Generator plugins: the protocol every image/video/audio generator implements, discovery, and a lazy LRU pool.
+"""Generator plugins: the contract a plugin author reads, the registry, and the small helpers plugins use.
 
-Built-in generators are found exactly like third-party ones: through the ``anyverse.generators`` entry-point group
-(see pyproject.toml). ``register_generator`` adds classes programmatically (tests, notebooks). ``DiffusersRuntime``
-holds what the diffusers-backed built-ins share; they use it by composition through the ``DiffusersGenerator`` base,
-and third-party plugins may too. ``Denoiser`` is the optional part of a generator that decoder alignment's denoising
-loss needs.
+A plugin is a class registered under the ``anyverse.generators`` entry-point group (built-ins are registered the
+same way, see pyproject.toml). It declares ``name``, ``modality``, ``capabilities``, an ``Options`` pydantic model
+and ``accepts_source``, and implements the ``Generator`` protocol; ``BaseGenerator`` implements the bookkeeping so
+a plugin writes ``load`` and ``generate_one``. Diffusers pipelines subclass ``anyverse.generators.base.
+DiffusersGenerator`` instead. ``ANYVERSE_PLUGINS=name,...`` restricts which third-party plugins load. A plugin that
+fails to import or declares itself wrongly is skipped, reported once, and listed by ``anyverse generators list``.
+
+This module imports neither torch nor diffusers, so finding plugins stays fast.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
-import importlib
-import inspect
-import json
 import logging
 import os
-import time
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
-from anyverse.config import GeneratorConfig, TinySpec
-from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
-from anyverse.weights import collect_missing, component_dir
+from anyverse.types import OUTPUT_MODALITIES, GenerationOptions, Media, MediaRequest, Modality
+
+if TYPE_CHECKING:
+    import torch
+
+    from anyverse.config import GeneratorConfig, TinySpec
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "anyverse.generators"
+BUILT_IN_DISTRIBUTION = "anyverse"  # its plugins always load; ANYVERSE_PLUGINS picks among the others
+
+# What a generator can do with a request; the one table the meta-response schema, routing and defaults read.
+CAPABILITIES: dict[str, str] = {
+    "generate": "make new media from a text prompt",
+    "edit": "change a source media item (its id in 'source') as the prompt says",
+    "speech": "read the prompt aloud as speech",
+}
+
+Progress = Callable[[int, int], None]  # progress(step, total) of the item being made
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised by ``generate`` when its ``cancel`` event is set; nothing of the batch is returned."""
 
 
 @dataclass(frozen=True, eq=False)  # arrays compare element-wise, so equality is identity
@@ -47,16 +60,26 @@ class GeneratedMedia:
     fps: int | None = None
 
 
+class Options(GenerationOptions):
+    """Base of a plugin's ``Options``: the uniform options plus its own fields; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 @runtime_checkable
 class Generator(Protocol):
-    """What a generator plugin implements. Construction is cheap and validates options; weights load lazily.
+    """What a generator plugin implements. Construction is cheap and validates config options; weights load lazily.
 
-    Optional: ``denoising_loss`` (see ``Denoiser``), for training output projectors through the generator itself.
-    It is a protocol of its own so that ``isinstance(x, Generator)`` still holds for plugins without it.
+    ``generate`` makes one item per request (``sources[i]`` is the decoded media request ``i`` edits, or None),
+    calls ``progress(step, total)`` as it goes and raises ``GenerationCancelled`` soon after ``cancel`` is set.
+    ``conditioning_spec`` returns {} for a meta-only plugin (no output projector can feed it); otherwise
+    ``encode_prompts`` gives its own text conditioning of those names and shapes. Optional: ``denoising_loss``
+    (see ``Denoiser``).
     """
 
     name: ClassVar[str]
     modality: ClassVar[Modality]
+    capabilities: ClassVar[frozenset[str]]
     Options: ClassVar[type[GenerationOptions]]
     accepts_source: ClassVar[frozenset[Modality]]
 
@@ -85,7 +108,8 @@ class Generator(Protocol):
         """The generator's own text conditioning, [B, *spec] per name: targets for aligning an output projector."""
         ...
 
-    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia: ...
+    def generate(self, requests: list[MediaRequest], sources: list[GeneratedMedia | None],
+                 progress: Progress | None = None, cancel: threading.Event | None = None) -> list[GeneratedMedia]: ...
 
 
 @runtime_checkable
@@ -99,57 +123,13 @@ class Denoiser(Protocol):
         ...
 
 
-# ---------------------------------------------------------------- registry
-
-_registered: dict[str, type[Generator]] = {}
-
-
-GeneratorT = TypeVar("GeneratorT", bound=type[Generator])
-
-
-def register_generator(cls: GeneratorT) -> GeneratorT:
-    """Register a generator class under ``cls.name``; usable as a decorator. Overrides an entry point of that name."""
-    _registered[cls.name] = cls
-    return cls
-
-
-@functools.cache
-def _entry_point_generators() -> dict[str, type[Generator]]:
-    """Load every entry point once. A plugin that fails to import is skipped with a warning, never fatal."""
-    found: dict[str, type[Generator]] = {}
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = point.load()
-        except Exception as err:  # a broken third-party plugin must not take the others down
-            log.warning("skipping generator plugin %r (%s): %s: %s", point.name, point.value, type(err).__name__, err)
-            continue
-        if getattr(cls, "name", None) != point.name or not isinstance(getattr(cls, "modality", None), Modality):
-            why = f"its class needs name = {point.name!r} and a Modality"
-            log.warning("skipping generator plugin %r (%s): %s", point.name, point.value, why)
-            continue
-        found[point.name] = cls
-    return found
-
-
-def available_generators() -> dict[str, type[Generator]]:
-    """Generator classes by name: entry points plus ``register_generator`` ones."""
-    return {**_entry_point_generators(), **_registered}
-
-
-def get_generator_class(name: str) -> type[Generator]:
-    known = available_generators()
-    if name not in known:
-        raise ValueError(f"unknown generator plugin {name!r}; known: {', '.join(sorted(known)) or 'none'}")
-    return known[name]
-
-
 # ---------------------------------------------------------------- helpers for plugin authors
 
 OptionsT = TypeVar("OptionsT", bound=GenerationOptions)
 
 
 def validate_options(options: type[OptionsT], values: Mapping[str, Any], plugin: str) -> OptionsT:
-    """Validate option values, naming the plugin and the offending fields (a bad config fails at startup)."""
+    """Validate option values, naming the plugin and each offending field."""
     try:
         return options.model_validate(dict(values))
     except ValidationError as err:
@@ -173,7 +153,7 @@ def check_conditioning(
         wanted = ", ".join(f"{name} {shape}" for name, shape in expected.items())
         raise ValueError(f"{plugin}: conditioning needs exactly {wanted}; got names {sorted(conditioning)}")
     for name, tensor in conditioning.items():
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        shape = tuple(tensor.shape) if hasattr(tensor, "shape") else type(tensor).__name__
         if shape != expected[name]:
             raise ValueError(
                 f"{plugin}: conditioning {name!r} must have shape {expected[name]} (batch of 1, then the "
@@ -190,309 +170,150 @@ def tiny_arch(plugin: str, defaults: Mapping[str, Any], spec: TinySpec) -> dict[
     return {**defaults, **spec.arch}
 
 
-class DiffusionOptions(GenerationOptions):
-    """Uniform options plus what every diffusers text-conditioned pipeline understands."""
+class BaseGenerator:
+    """Bookkeeping most plugins share: config options validated into ``defaults``, each request's options merged
+    over them, the batch loop with source checks and cancellation. A subclass sets the class attributes and writes
+    ``load``, ``unload`` and ``generate_one``; it is meta-only unless it overrides ``conditioning_spec``."""
 
-    negative_prompt: str | None = None
-
-
-DiffusionOptionsT = TypeVar("DiffusionOptionsT", bound=DiffusionOptions)
-
-
-class DiffusersRuntime(Generic[DiffusionOptionsT]):
-    """What the diffusers-backed generators share, used by composition: locating or building their weights, reading
-    saved configs, loading onto the device, and turning uniform options and conditioning into pipeline arguments."""
-
-    def __init__(
-        self,
-        generator: type[Generator],
-        config: GeneratorConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        *,
-        options: type[DiffusionOptionsT],
-        pipeline_class: str,
-        build_tiny: Callable[[Path, TinySpec], None],
-        usual_weights: str,
-    ):
-        self.plugin = generator.name
-        self.modality = generator.modality
-        self.config = config
-        self.device = device
-        self.dtype = dtype
-        self.options_class = options
-        self.defaults = validate_options(options, config.options, self.plugin)
-        self.pipe: Any = None
-        self._noise_scheduler: Any = None
-        self._pipeline_class = pipeline_class
-        self._build_tiny = build_tiny
-        self._usual_weights = usual_weights
-        self._directory: Path | None = None
-
-    # -- weights and saved configs
-
-    def directory(self) -> Path:
-        """The pipeline folder: tiny weights are built on first use, real ones must already be local."""
-        if self._directory is None:
-            self._directory = component_dir(self.plugin, self.config, self._build, self._how_to_get())
-        return self._directory
-
-    def _build(self, directory: Path) -> None:
-        assert self.config.tiny is not None
-        self._build_tiny(directory, self.config.tiny)
-
-    def _how_to_get(self) -> str:
-        path = self.config.path or ""
-        hub_id = path.count("/") == 1 and not path.startswith(("/", ".", "~", "$"))
-        return (
-            f"Run `hf download {path if hub_id else self._usual_weights}` (on a machine with internet; copy its HF "
-            f"cache here if that is another machine), or set generators.{self.modality.value}.path to a local copy."
-        )
-
-    def check_weights(self) -> None:
-        if self.config.tiny is None:
-            self.directory()
-
-    def config_int(self, *sources: tuple[str, str]) -> int:
-        """The first usable (finite, positive) integer among ``(file, key)`` pairs of the saved pipeline configs."""
-        for relative, key in sources:
-            path = self.directory() / relative
-            value = json.loads(path.read_text()).get(key) if path.is_file() else None
-            if isinstance(value, int) and 0 < value < 1_000_000:
-                return value
-        tried = ", ".join(f"{relative}:{key}" for relative, key in sources)
-        raise ValueError(f"{self.plugin}: no usable value in {self.directory()} for any of {tried}")
-
-    # -- loading
-
-    @property
-    def loaded(self) -> bool:
-        return self.pipe is not None
-
-    def load(self) -> None:
-        if self.pipe is not None:
-            return
-        start = time.perf_counter()
-        diffusers = importlib.import_module("diffusers")
-        if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):  # diffusers has no env knob of its own; honour HF's
-            diffusers.utils.logging.disable_progress_bar()
-        pipe = getattr(diffusers, self._pipeline_class).from_pretrained(self.directory(), dtype=self.dtype)
-        if self.config.offload and self.device.type == "cuda":
-            pipe.enable_model_cpu_offload(device=self.device)
-        else:
-            if self.config.offload:
-                log.info("%s: offload only applies to CUDA; loading onto %s", self.plugin, self.device)
-            pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
-        log.info("loaded %s from %s in %.1f s", self.plugin, self.directory(), time.perf_counter() - start)
-
-    def unload(self) -> None:
-        if self.pipe is None:
-            return
-        self.pipe = self._noise_scheduler = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        log.info("unloaded %s", self.plugin)
-
-    def pipeline(self) -> Any:
-        self.load()
-        return self.pipe
-
-    @property
-    def execution_device(self) -> torch.device:
-        """Where inputs go: the device, or the accelerator the offload hooks run on."""
-        return self.pipeline()._execution_device
-
-    def memory_bytes(self) -> int:
-        if self.pipe is None:  # variant copies (model.fp16.safetensors) are not what from_pretrained loads
-            files = self.directory().rglob("*.safetensors")
-            return sum(f.stat().st_size for f in files if len(f.name.split(".")) == 2)
-        seen: dict[int, int] = {}
-        for part in self.pipe.components.values():
-            if isinstance(part, torch.nn.Module):
-                for t in (*part.parameters(), *part.buffers()):
-                    seen[t.data_ptr()] = t.numel() * t.element_size()
-        return sum(seen.values())
-
-    # -- one call
-
-    def options(self, request: MediaRequest) -> DiffusionOptionsT:
-        """Config defaults overridden by the request's options that are set; validated again."""
-        values = {**self.defaults.model_dump(exclude_none=True), **request.options.model_dump(exclude_none=True)}
-        return validate_options(self.options_class, values, self.plugin)
-
-    def call_kwargs(
-        self, generator: Generator, request: MediaRequest, options: DiffusionOptionsT, **extra: Any
-    ) -> dict[str, Any]:
-        """Pipeline keyword arguments: the prompt, or the request's conditioning (which wins) with negatives from the
-        generator's own encoders for classifier-free guidance; seed, steps, guidance, numpy output and ``extra``.
-        Options left unset are not passed, so the pipeline's own defaults apply."""
-        pipe = self.pipeline()
-        guidance = options.guidance
-        if guidance is None:
-            guidance = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
-        kwargs: dict[str, Any] = {
-            "num_inference_steps": options.steps,
-            "guidance_scale": guidance,
-            "generator": _rng(options.seed, self.plugin),
-            "output_type": "np",
-            **extra,
-        }
-        if request.conditioning is not None:
-            checked = check_conditioning(request.conditioning, generator.conditioning_spec(), self.plugin)
-            device = self.execution_device
-            kwargs |= {name: tensor.to(device=device, dtype=self.dtype) for name, tensor in checked.items()}
-            if guidance > 1:
-                negatives = generator.encode_prompts([options.negative_prompt or ""])
-                kwargs |= {f"negative_{name}": tensor for name, tensor in negatives.items()}
-        elif request.prompt:
-            kwargs |= {"prompt": request.prompt, "negative_prompt": options.negative_prompt}
-        else:
-            raise ValueError(f"{self.plugin}: the request has neither a prompt nor conditioning tensors")
-        return {name: value for name, value in kwargs.items() if value is not None}
-
-    # -- training through the frozen generator
-
-    def vae_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled latents of VAE input [N, C, H, W] (already in the VAE's range), as the pipeline's latents are
-        before it decodes them. The posterior sample uses the global CPU RNG, which checkpoints save, so a resumed
-        run draws the same; no graph is kept (the VAE is frozen)."""
-        vae = self.pipeline().vae
-        with torch.no_grad():
-            posterior = vae.encode(pixels.to(self.execution_device, self.dtype)).latent_dist
-            noise = torch.randn(posterior.mean.shape).to(posterior.mean)
-            return (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
-
-    def denoising_loss(self, latents: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
-        """Standard diffusion training loss: noise ``latents`` at timesteps drawn uniformly over the schedule's
-        training range, let the frozen UNet predict from them with ``conditioning`` as its keyword arguments, and
-        return the MSE to the target its ``prediction_type`` names. Gradients reach only ``conditioning``."""
-        rows = {name: value.shape[0] for name, value in conditioning.items()}
-        if set(rows.values()) != {latents.shape[0]}:
-            raise ValueError(f"{self.plugin}: conditioning needs one row per media item ({latents.shape[0]}); got "
-                             f"{rows}")
-        pipe = self.pipeline()
-        pipe.unet.requires_grad_(False)  # it is frozen: the backward pass must not fill (and keep) its .grad
-        scheduler = self.noise_scheduler()
-        device = latents.device
-        steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).to(device)
-        noise = torch.randn(latents.shape).to(latents)
-        kind = scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, steps)
-        elif kind == "sample":
-            target = latents
-        else:
-            raise ValueError(f"{self.plugin}: cannot train against prediction_type {kind!r}")
-        inputs = {name: value.to(device, self.dtype if value.is_floating_point() else value.dtype)
-                  for name, value in conditioning.items()}
-        prediction = pipe.unet(scheduler.add_noise(latents, noise, steps), steps, **inputs, return_dict=False)[0]
-        return F.mse_loss(prediction.float(), target.float())
-
-    def noise_scheduler(self) -> Any:
-        """A DDPM scheduler on the pipeline scheduler's config (betas, training steps, prediction type), as diffusers'
-        training scripts use: it adds noise at any training timestep, which inference-only schedulers may not."""
-        if self._noise_scheduler is None:
-            from diffusers import DDPMScheduler
-
-            self._noise_scheduler = DDPMScheduler.from_config(self.pipeline().scheduler.config)
-        return self._noise_scheduler
-
-
-class DiffusersGenerator(Generator, Generic[DiffusionOptionsT]):
-    """Base for generators built on a ``DiffusersRuntime``: their ``__init__`` sets ``_runtime``, this delegates the
-    lifecycle methods to it, and they add ``conditioning_spec``, ``encode_prompts`` and ``generate``."""
-
+    name: ClassVar[str]
+    modality: ClassVar[Modality]
+    capabilities: ClassVar[frozenset[str]] = frozenset({"generate"})
+    Options: ClassVar[type[GenerationOptions]] = Options
     accepts_source: ClassVar[frozenset[Modality]] = frozenset()
-    _runtime: DiffusersRuntime[DiffusionOptionsT]
+
+    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.defaults = validate_options(self.Options, config.options, self.name)
 
     @property
     def loaded(self) -> bool:
-        return self._runtime.loaded
-
-    def check_weights(self) -> None:
-        self._runtime.check_weights()
+        raise NotImplementedError
 
     def load(self) -> None:
-        self._runtime.load()
+        raise NotImplementedError
 
     def unload(self) -> None:
-        self._runtime.unload()
-
-    def memory_bytes(self) -> int:
-        return self._runtime.memory_bytes()
-
-
-def _rng(seed: int | None, plugin: str) -> torch.Generator:
-    """A CPU generator, so a seed gives the same noise on every device; no seed draws (and logs) a fresh one."""
-    rng = torch.Generator(device="cpu")
-    if seed is None:
-        log.debug("%s: random seed %d", plugin, rng.seed())
-    else:
-        rng.manual_seed(seed)
-    return rng
-
-
-# ---------------------------------------------------------------- pool
-
-
-class GeneratorPool:
-    """One generator per output modality, loaded on first use; loading one unloads the least recently used others
-    until the loaded total fits ``memory_budget_gb`` (the one just requested always stays)."""
-
-    def __init__(
-        self, configs: Mapping[Modality, GeneratorConfig], device: torch.device, dtype: torch.dtype,
-        memory_budget_gb: float,
-    ):
-        self._generators: dict[Modality, Generator] = {}
-        for modality, config in configs.items():
-            cls = get_generator_class(config.plugin)
-            if cls.modality != modality:
-                raise ValueError(
-                    f"generators.{modality.value}: plugin {config.plugin!r} makes {cls.modality.value}, not "
-                    f"{modality.value}"
-                )
-            self._generators[modality] = cls(config, device, dtype)
-        self.budget_bytes = int(memory_budget_gb * 1024**3)
-        self._use_order: list[Modality] = []  # least recently used first
-
-    def __contains__(self, modality: object) -> bool:
-        return modality in self._generators
-
-    def get(self, modality: Modality) -> Generator:
-        """The generator for ``modality``, loaded; may unload others to stay within the budget."""
-        generator = self._generators.get(modality)
-        if generator is None:
-            raise ValueError(f"no generator configured for {Modality(modality).value}")
-        if modality in self._use_order:
-            self._use_order.remove(modality)
-        self._use_order.append(modality)
-        if not generator.loaded:
-            generator.load()
-            self._fit_budget(keep=modality)
-        return generator
-
-    def _fit_budget(self, keep: Modality) -> None:
-        for modality in list(self._use_order):
-            total = sum(g.memory_bytes() for g in self._generators.values() if g.loaded)
-            if total <= self.budget_bytes:
-                return
-            generator = self._generators[modality]
-            if modality != keep and generator.loaded:
-                log.info("unloading %s to stay within %.2f GB", generator.name, self.budget_bytes / 1024**3)
-                generator.unload()
-
-    def loaded(self) -> list[str]:
-        """Names of the loaded generators, least recently used first."""
-        return [self._generators[m].name for m in self._use_order if self._generators[m].loaded]
+        raise NotImplementedError
 
     def check_weights(self) -> None:
-        """Raise one MissingWeightsError listing every generator whose real weights are absent."""
-        collect_missing([g.check_weights for g in self._generators.values()])
+        """Tiny weights are built on demand; real ones are checked by subclasses that have them."""
 
-    def conditioning_specs(self) -> dict[Modality, dict[str, tuple[int, int]]]:
-        return {modality: g.conditioning_spec() for modality, g in self._generators.items()}
+    def memory_bytes(self) -> int:
+        return 0
+
+    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+        return {}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise ValueError(f"{self.name} is meta-only: it takes text prompts, not conditioning tensors")
+
+    def options(self, request: MediaRequest) -> Any:
+        """Config defaults overridden by the request's options that are set, validated by this plugin's Options."""
+        values = {**self.defaults.model_dump(exclude_none=True), **request.options.model_dump(exclude_none=True)}
+        return validate_options(self.Options, values, self.name)
+
+    def generate(self, requests: list[MediaRequest], sources: list[GeneratedMedia | None],
+                 progress: Progress | None = None, cancel: threading.Event | None = None) -> list[GeneratedMedia]:
+        if len(sources) != len(requests):
+            raise ValueError(f"{self.name}: {len(requests)} requests but {len(sources)} sources")
+        for source in sources:
+            check_source(self, source)  # type: ignore[arg-type]
+        made = []
+        for request, source in zip(requests, sources, strict=True):
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"{self.name}: cancelled")
+            made.append(self.generate_one(request, self.options(request), source, progress, cancel))
+        return made
+
+    def generate_one(self, request: MediaRequest, options: Any, source: GeneratedMedia | None,
+                     progress: Progress | None, cancel: threading.Event | None) -> GeneratedMedia:
+        """One item with validated ``options``; report ``progress`` and honour ``cancel`` within it if it can."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- registry
+
+_registered: dict[str, type[Generator]] = {}
+
+GeneratorT = TypeVar("GeneratorT", bound=type[Generator])
+
+
+def register_generator(cls: GeneratorT) -> GeneratorT:
+    """Register a generator class under ``cls.name``; usable as a decorator. Overrides an entry point of that name."""
+    problem = declaration_problem(cls, cls.name)
+    if problem:
+        raise ValueError(f"generator {cls.name!r}: {problem}")
+    _registered[cls.name] = cls
+    return cls
+
+
+def enabled_entry_points() -> list[EntryPoint]:
+    """The group's entry points: the built-ins, plus the third-party ones ``ANYVERSE_PLUGINS`` names (all if unset)."""
+    wanted = os.environ.get("ANYVERSE_PLUGINS")
+    names = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+    found = []
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        built_in = point.dist is not None and point.dist.name == BUILT_IN_DISTRIBUTION
+        if built_in or names is None or point.name in names:
+            found.append(point)
+    return found
+
+
+def declaration_problem(cls: Any, name: str) -> str | None:
+    """Why a loaded class cannot be a generator named ``name``, or None: its declared attributes, checked up front."""
+    if getattr(cls, "name", None) != name:
+        return f"its class needs name = {name!r}"
+    if getattr(cls, "modality", None) not in OUTPUT_MODALITIES:
+        return "its modality must be Modality.IMAGE, VIDEO or AUDIO"
+    capabilities = getattr(cls, "capabilities", None)
+    if not isinstance(capabilities, frozenset) or not capabilities or not capabilities <= set(CAPABILITIES):
+        return f"capabilities must be a non-empty frozenset of {sorted(CAPABILITIES)}, got {capabilities!r}"
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, GenerationOptions)):
+        return "Options must subclass anyverse.plugins.Options (a pydantic model)"
+    try:
+        options()
+        options.model_json_schema()
+    except Exception as err:  # a default that fails its own constraint, a field type pydantic cannot describe
+        return f"invalid Options model: {type(err).__name__}: {str(err).splitlines()[0]}"
+    return None
+
+
+@functools.cache
+def _discover() -> tuple[dict[str, type[Generator]], dict[str, str]]:
+    """Import every enabled entry point once: (classes by name, why each broken one was skipped). A broken plugin
+    is reported once and never takes the others down."""
+    found: dict[str, type[Generator]] = {}
+    broken: dict[str, str] = {}
+    for point in enabled_entry_points():
+        try:
+            cls = point.load()
+            problem = declaration_problem(cls, point.name)
+        except Exception as err:  # any import-time failure of third-party code
+            problem = f"import failed: {type(err).__name__}: {err}"
+        if problem:
+            broken[point.name] = problem
+            log.warning("skipping generator plugin %r (%s): %s", point.name, point.value, problem)
+        else:
+            found[point.name] = cls
+    return found, broken
+
+
+def available_generators() -> dict[str, type[Generator]]:
+    """Generator classes by name: enabled entry points plus ``register_generator`` ones."""
+    return {**_discover()[0], **_registered}
+
+
+def broken_generators() -> dict[str, str]:
+    """Enabled entry points that could not be used, and why."""
+    return {name: why for name, why in _discover()[1].items() if name not in _registered}
+
+
+def get_generator_class(name: str) -> type[Generator]:
+    known = available_generators()
+    if name in known:
+        return known[name]
+    broken = broken_generators()
+    if name in broken:
+        raise ValueError(f"generator plugin {name!r} is broken: {broken[name]}")
+    raise ValueError(f"unknown generator plugin {name!r}; known: {', '.join(sorted(known)) or 'none'}")

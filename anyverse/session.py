@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,8 @@ from anyverse.encoders.imagebind import check_encoder_weights
 from anyverse.llm import check_llm_weights
 from anyverse.media import decode_image, load_media, media_from_bytes, save_audio, save_image, save_video
 from anyverse.model import AnyverseModel, Context
-from anyverse.plugins import GeneratedMedia, GeneratorPool
+from anyverse.plugins import GeneratedMedia, Progress, validate_options
+from anyverse.pool import GeneratorPool
 from anyverse.signals import REQUEST_OPEN, StreamParser
 from anyverse.types import (
     Event,
@@ -37,6 +39,7 @@ from anyverse.types import (
     Message,
     Modality,
     Notice,
+    RequestOptions,
     TextDelta,
     TurnResult,
 )
@@ -59,24 +62,33 @@ class Anyverse:
             torch.set_num_threads(config.runtime.threads)
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.runtime.dtype, self.device)
-        self.generators = GeneratorPool(config.generators, self.device, self.dtype, config.runtime.generator_memory_gb)
-        if model is None:
-            try:
-                collect_missing([lambda: check_encoder_weights(config.encoder),
-                                 lambda: check_llm_weights(config.llm), self.generators.check_weights,
-                                 self._check_projectors])
-            except MissingWeightsError as err:
-                if config.profile != "toyworld":
-                    raise
-                raise MissingWeightsError(["toyworld: not built on this machine yet; `anyverse train toyworld` "
-                                           "makes every piece below (CPU only, no downloads)", *err.missing]) from None
-            specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
-            model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
-        self.model = model
+        self.generators = GeneratorPool.from_config(config, self.device, self.dtype)
+        self._model, self._check_base = model, check_base
         self.output_dir = Path(output_dir)
         self.history: list[Message] = []
         self.media: dict[str, Media] = {}
         self._ids: Counter[str] = Counter()
+
+    @property
+    def model(self) -> AnyverseModel:
+        """Encoder, LLM and projectors, loaded on first use: generating alone needs none of their weights."""
+        if self._model is None:
+            self._model = self._load_model()
+        return self._model
+
+    def _load_model(self) -> AnyverseModel:
+        """Check every piece's weights (one error listing all missing ones), then load."""
+        config = self.config
+        try:
+            collect_missing([lambda: check_encoder_weights(config.encoder), lambda: check_llm_weights(config.llm),
+                             self.generators.check_weights, self._check_projectors])
+        except MissingWeightsError as err:
+            if config.profile != "toyworld":
+                raise
+            raise MissingWeightsError(["toyworld: not built on this machine yet; `anyverse train toyworld` "
+                                       "makes every piece below (CPU only, no downloads)", *err.missing]) from None
+        specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
+        return AnyverseModel.from_config(config, self.device, self.dtype, specs, self._check_base)
 
     @classmethod
     def from_profile(cls, name: str = "tiny", overrides: list[str] | None = None, **kwargs) -> Anyverse:
@@ -137,14 +149,18 @@ class Anyverse:
         return context
 
     def stream(self, text: str, attachments: Sequence[Attachment] = (), *, require: Modality | None = None,
-               seed: int | None = None) -> Iterator[Event]:
-        """Run one turn, yielding text deltas live, then requests and produced media.
+               seed: int | None = None, generator: str | None = None) -> Iterator[Event]:
+        """Run one turn, yielding text deltas live, then requests and produced media. ``generator`` (a name, plugin
+        or capability) makes every request of its modality (required unless ``require`` says otherwise) go to it.
 
         At the end the typed result is in ``last_result`` and ``turn.json`` (inputs, resolved config, outputs) is
         written to ``output_dir``.
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
+        if generator is not None:
+            steered = self.generators.modality(self.generators.resolve(generator, require))
+            require = require or steered
         user = self.user_message(text, attachments)
         context = self.context([*self.history, user])
         tick = time.perf_counter()
@@ -170,6 +186,8 @@ class Anyverse:
         for index, request in enumerate(requests[: self.config.output.max_requests]):
             if request.options.seed is None and seed is not None:
                 request.options = request.options.model_copy(update={"seed": seed + index})
+            if generator is not None and request.modality == steered:
+                request.generator = generator
             event = self._produce(request)
             if isinstance(event, MediaProduced):
                 produced.append(event)
@@ -208,7 +226,9 @@ class Anyverse:
         processors: list = []
         grammar = None
         if out.mode == "meta" and out.constrained != "none":
-            grammar = grammar_processor(self.model.llm, out.max_prompt_chars, tuple(self.media), require)
+            routing = ((self.generators.choices(), self.generators.options_schema()) if self.model.names_generators
+                       else ((), None))
+            grammar = grammar_processor(self.model.llm, out.max_prompt_chars, tuple(self.media), require, *routing)
             if grammar is None and out.constrained == "xgrammar":
                 raise ValueError("output.constrained=xgrammar but xgrammar is not installed")
             if grammar is not None:
@@ -250,35 +270,64 @@ class Anyverse:
                 return
         yield Notice(message=f"the media request stayed malformed after {out.retries} retries; no media made")
 
-    def _produce(self, request: MediaRequest) -> MediaProduced | Notice:
+    def _produce(self, request: MediaRequest, progress: Progress | None = None,
+                 cancel: threading.Event | None = None) -> MediaProduced | Notice:
         """Generate and save one item; failures become notices so finished work is never lost."""
         tick = time.perf_counter()
         try:
-            generator = self.generators.get(request.modality)
-            source = self._source(request, generator.accepts_source)
-            media = self._register(save_generated(generator.generate(request, source), self.output_dir))
+            media = self._register(save_generated(self._make(request, progress, cancel), self.output_dir))
         except Exception as err:  # a generator failure must not lose the reply or earlier media
             log.debug("%s generation failed", request.modality.value, exc_info=True)
             return Notice(message=f"{request.modality.value} generation failed: {err}")
         return MediaProduced(media=media, request=request, seconds=time.perf_counter() - tick)
 
-    def _source(self, request: MediaRequest, accepted: frozenset[Modality]) -> GeneratedMedia | None:
-        """The decoded media a request edits, when its generator can edit that modality (else prompt only)."""
-        if request.source is None:
-            return None
-        media = self.media.get(request.source)
-        if media is None:
+    def _make(self, request: MediaRequest, progress: Progress | None, cancel: threading.Event | None,
+              ) -> GeneratedMedia:
+        """Route ``request`` to its generator (recorded in ``request.generator``), check its options with that
+        plugin's ``Options`` before anything loads, and run it."""
+        source = self.media.get(request.source) if request.source else None
+        if request.source and source is None:
             raise ValueError(f"unknown media id {request.source!r}")
-        if media.modality not in accepted or media.modality != Modality.IMAGE:
+        name = self.generators.route(request, None if source is None else source.modality)
+        generator = self.generators.peek(name)
+        validate_options(generator.Options, request.options.model_dump(exclude_none=True), name)
+        request.generator = name
+        decoded = self._source(request, source, generator.accepts_source)
+        return self.generators.get(name).generate([request], [decoded], progress, cancel)[0]
+
+    def _source(self, request: MediaRequest, media: Media | None, accepted: frozenset[Modality],
+                ) -> GeneratedMedia | None:
+        """The decoded media a request edits, when its generator can edit that modality (else prompt only)."""
+        if media is None or media.modality not in accepted or media.modality != Modality.IMAGE:
             request.source = None
             return None
         pixels = np.asarray(decode_image(media, self.config.caps), dtype=np.float32) / 255.0
         return GeneratedMedia(modality=Modality.IMAGE, data=pixels)
 
+    def generate(self, prompt: str, *, modality: Modality | str | None = None, generator: str | None = None,
+                 source: Attachment | None = None, options: dict[str, Any] | None = None,
+                 progress: Progress | None = None, cancel: threading.Event | None = None) -> MediaProduced:
+        """A generator alone, no LLM: make one item from ``prompt`` (editing ``source``, a file or a conversation
+        media item), saved in ``output_dir``. ``generator`` is a configured name, a plugin or a capability; without
+        it the modality's default runs. Bad options or a failed generation raise ValueError naming the generator."""
+        if modality is None and generator is not None:
+            modality = self.generators.modality(self.generators.resolve(generator))
+        if modality is None:
+            raise ValueError("say which modality (image, video, audio) or which generator to use")
+        request = MediaRequest(modality=Modality(modality), prompt=prompt, generator=generator,
+                               options=validate_options(RequestOptions, options or {}, generator or str(modality)))
+        if source is not None:
+            media = source if isinstance(source, Media) and source.id else self._register(
+                source if isinstance(source, Media) else self.load(source))
+            request.source = media.id
+        tick = time.perf_counter()
+        made = save_generated(self._make(request, progress, cancel), self.output_dir)
+        return MediaProduced(media=self._register(made), request=request, seconds=time.perf_counter() - tick)
+
     def turn(self, text: str, attachments: Sequence[Attachment] = (), *, require: Modality | None = None,
-             seed: int | None = None) -> TurnResult:
+             seed: int | None = None, generator: str | None = None) -> TurnResult:
         """Run one turn to completion (see ``stream``) and return its typed result."""
-        for _ in self.stream(text, attachments, require=require, seed=seed):
+        for _ in self.stream(text, attachments, require=require, seed=seed, generator=generator):
             pass
         return self.last_result
 

@@ -20,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from anyverse.types import (
     OUTPUT_MODALITIES,
     Event,
-    GenerationOptions,
     MediaRequest,
     MediaRequested,
     Modality,
     Notice,
+    RequestOptions,
     TextDelta,
 )
 
@@ -72,19 +72,27 @@ class MetaResponse(BaseModel):
     modality: Literal["image", "video", "audio"]
     prompt: str = Field(min_length=1, max_length=4000)
     source: str | None = Field(default=None, pattern=MEDIA_ID_PATTERN)
-    options: GenerationOptions = Field(default_factory=GenerationOptions)
+    generator: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+                                  description="a configured generator or a capability (generate, edit, speech)")
+    options: RequestOptions = Field(default_factory=RequestOptions)
 
 
 @lru_cache(maxsize=64)
-def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), modalities: tuple[str, ...] = ()) -> str:
-    """JSON schema for constrained decoding: bounded prompt, ``source`` limited to ids that exist, and
-    ``modality`` limited to ``modalities`` when given (a reply that must make a video)."""
+def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), modalities: tuple[str, ...] = (),
+                     generators: tuple[str, ...] = (), options: str | None = None) -> str:
+    """JSON schema for constrained decoding: bounded prompt, ``source`` limited to ids that exist, ``modality``
+    limited to ``modalities`` when given (a reply that must make a video), ``generator`` to ``generators`` (the
+    configured names and capabilities; none: the field is left out) and ``options`` to the JSON schema ``options``
+    (the configured plugins' fields; default: the uniform options only)."""
     schema: dict[str, Any] = MetaResponse.model_json_schema()
     props = schema["properties"]
     if modalities:
         props["modality"]["enum"] = list(modalities)
     props["prompt"]["maxLength"] = max_prompt_chars
     props["source"] = {"anyOf": [{"enum": list(media_ids)}, {"type": "null"}]} if media_ids else {"type": "null"}
+    props["generator"] = {"anyOf": [{"enum": list(generators)}, {"type": "null"}]} if generators else {"type": "null"}
+    option_schema = json.loads(options) if options else {**schema["$defs"]["RequestOptions"]}
+    schema["$defs"]["RequestOptions"] = {**option_schema, "additionalProperties": False}
     return json.dumps(schema)
 
 
@@ -110,6 +118,7 @@ def validate_meta(raw: str, max_prompt_chars: int) -> MediaRequest:
         modality=Modality(meta.modality),
         prompt=prompt,
         source=meta.source,
+        generator=meta.generator,
         options=meta.options,
         origin="meta",
     )

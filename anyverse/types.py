@@ -6,7 +6,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
 
 class Modality(StrEnum):
@@ -78,6 +78,13 @@ class GenerationOptions(BaseModel):
     seconds: float | None = Field(default=None, gt=0.0, le=600.0)
 
 
+class RequestOptions(GenerationOptions):
+    """A request's options as given (meta-response, CLI, job): the uniform ones checked here, plugin-specific ones
+    carried along for the chosen generator's own ``Options`` to validate."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 class MediaRequest(BaseModel):
     """A validated request for new media, from a meta-response or from signal tokens."""
 
@@ -86,11 +93,19 @@ class MediaRequest(BaseModel):
     modality: Modality
     prompt: str | None = None
     source: str | None = Field(default=None, description="id of a conversation media item to edit or vary")
-    options: GenerationOptions = Field(default_factory=GenerationOptions)
+    options: SerializeAsAny[GenerationOptions] = Field(default_factory=RequestOptions)
+    generator: str | None = Field(default=None, description="generator name or capability asked for; after "
+                                                            "routing, the configured generator that ran")
     origin: Literal["meta", "signal", "direct"] = "direct"
     conditioning: dict[str, Any] | None = Field(
         default=None, exclude=True, description="tensors from the output projector (signal mode)"
     )
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _keep_plugin_options(cls, value: Any) -> Any:
+        """A mapping keeps its plugin-specific keys; the generator that runs the request validates them."""
+        return RequestOptions.model_validate(value) if isinstance(value, dict) else value
 
 
 class TextDelta(BaseModel):

@@ -11,6 +11,7 @@ magnitude spectrogram [B, 1, frames, mel bins] at the vocoder's sample rate, one
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,16 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anyverse.config import GeneratorConfig, TinySpec
-from anyverse.plugins import (
-    DiffusersGenerator,
-    DiffusersRuntime,
-    DiffusionOptions,
-    GeneratedMedia,
-    check_source,
-    tiny_arch,
-)
-from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
+from anyverse.config import TinySpec
+from anyverse.plugins import GeneratedMedia, Progress, tiny_arch
+from anyverse.types import Media, MediaRequest, Modality
+
+from .base import DECODE_CAPS, DiffusersGenerator, DiffusionOptions
 
 T5_LENGTH = (("tokenizer_2/tokenizer_config.json", "model_max_length"), ("text_encoder_2/config.json", "n_positions"))
 
@@ -36,34 +32,34 @@ class AudioLDM2Options(DiffusionOptions):
     pass
 
 
-class AudioLDM2Generator(DiffusersGenerator[AudioLDM2Options]):
+class AudioLDM2Generator(DiffusersGenerator):
     name: ClassVar[str] = "audioldm2"
     modality: ClassVar[Modality] = Modality.AUDIO
-    Options: ClassVar[type[GenerationOptions]] = AudioLDM2Options
+    capabilities: ClassVar[frozenset[str]] = frozenset({"generate"})
+    Options: ClassVar[type[AudioLDM2Options]] = AudioLDM2Options
+    pipeline_class: ClassVar[str] = "AudioLDM2Pipeline"
+    usual_weights: ClassVar[str] = "cvssp/audioldm2"
 
-    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
-        self._runtime = DiffusersRuntime(
-            type(self), config, device, dtype, options=AudioLDM2Options, pipeline_class="AudioLDM2Pipeline",
-            build_tiny=build_tiny, usual_weights="cvssp/audioldm2",
-        )
+    @classmethod
+    def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
+        build_tiny(directory, spec)
 
     def conditioning_spec(self) -> dict[str, tuple[int, int]]:
         """T5 states padded to the T5 tokenizer's length, and the GPT-2 states (one per generated step)."""
-        rt = self._runtime
         return {
-            "prompt_embeds": (rt.config_int(*T5_LENGTH), rt.config_int(("text_encoder_2/config.json", "d_model"))),
+            "prompt_embeds": (self.config_int(*T5_LENGTH), self.config_int(("text_encoder_2/config.json", "d_model"))),
             "generated_prompt_embeds": (
-                rt.config_int(("language_model/config.json", "max_new_tokens")),
-                rt.config_int(("language_model/config.json", "n_embd")),
+                self.config_int(("language_model/config.json", "max_new_tokens")),
+                self.config_int(("language_model/config.json", "n_embd")),
             ),
         }
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own encoding. Its T5 states are only as long as the longest prompt, so they are zero-padded
         to the spec's length; ``attention_mask`` [B, length] marks the real tokens (zeros elsewhere)."""
-        pipe = self._runtime.pipeline()
+        pipe = self.pipeline()
         with torch.no_grad():
-            embeds, mask, generated = pipe.encode_prompt(prompts, self._runtime.execution_device, 1, False)
+            embeds, mask, generated = pipe.encode_prompt(prompts, self.execution_device, 1, False)
         length = self.conditioning_spec()["prompt_embeds"][0]
         pad = length - embeds.shape[1]
         return {
@@ -78,31 +74,27 @@ class AudioLDM2Generator(DiffusersGenerator[AudioLDM2Options]):
         (an all-ones mask where none is given, as the pipeline assumes for caller-given embeddings)."""
         from anyverse.media import decode_audio_clips
 
-        from .stable_diffusion import DECODE_CAPS
-
-        runtime = self._runtime
-        pipe = runtime.pipeline()
+        pipe = self.pipeline()
         vocoder = pipe.vocoder.config
         hop, rate = math.prod(vocoder.upsample_rates), vocoder.sampling_rate
         factor, scale = hop / rate, pipe.vae_scale_factor  # seconds per mel frame; mel frames per latent row
-        seconds = runtime.defaults.seconds or pipe.unet.config.sample_size * scale * factor
+        seconds = self.defaults.seconds or pipe.unet.config.sample_size * scale * factor
         frames = math.ceil(int(seconds / factor) / scale) * scale  # as AudioLDM2Pipeline.__call__ rounds
         clips = np.concatenate([decode_audio_clips(m, DECODE_CAPS, 1, frames * hop / rate, rate) for m in media])
         mel = log_mel(torch.from_numpy(clips), rate, hop, vocoder.model_in_dim)
         embeds = conditioning["prompt_embeds"]
         mask = conditioning.get("attention_mask")
-        return runtime.denoising_loss(
-            runtime.vae_latents(mel),
+        return self.diffusion_loss(
+            self.vae_latents(mel),
             encoder_hidden_states=conditioning["generated_prompt_embeds"],
             encoder_hidden_states_1=embeds,
             encoder_attention_mask_1=torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask,
         )
 
-    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
-        check_source(self, source)
-        options = self._runtime.options(request)
-        kwargs = self._runtime.call_kwargs(self, request, options, audio_length_in_s=options.seconds)
-        pipe = self._runtime.pipeline()
+    def generate_one(self, request: MediaRequest, options: AudioLDM2Options, source: GeneratedMedia | None,
+                     progress: Progress | None, cancel: threading.Event | None) -> GeneratedMedia:
+        kwargs = self.call_kwargs(request, options, progress, cancel, audio_length_in_s=options.seconds)
+        pipe = self.pipeline()
         audio = np.asarray(pipe(**kwargs).audios[0], dtype=np.float32)
         # a vocoder may overshoot; writing PCM would clip there anyway
         return GeneratedMedia(Modality.AUDIO, np.clip(audio, -1.0, 1.0), sample_rate=pipe.vocoder.config.sampling_rate)
@@ -168,8 +160,7 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
         T5EncoderModel,
     )
 
-    from ._tiny_text import roberta_tokenizer, t5_tokenizer
-    from .stable_diffusion import tiny_vae
+    from .tiny import roberta_tokenizer, t5_tokenizer, tiny_vae
 
     arch = tiny_arch(AudioLDM2Generator.name, TINY_ARCH, spec)
     gpt_dim, t5_dim, groups = arch["gpt2_n_embd"], arch["t5_d_model"], arch["groups"]

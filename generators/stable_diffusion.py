@@ -1,79 +1,75 @@
 """Stable Diffusion as the image generator: a text prompt or CLIP-sized prompt embeddings in, one image out.
 
 An existing image is varied through img2img with the same weights (no second copy). Zeroscope shares this file's
-CLIP conditioning, VAE input and tiny VAE, since its architecture is SD's text encoder and VAE around a 3-D UNet.
+CLIP conditioning and VAE input, since its architecture is SD's text encoder and VAE around a 3-D UNet.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from anyverse.config import Caps, GeneratorConfig, TinySpec
-from anyverse.plugins import (
-    DiffusersGenerator,
-    DiffusersRuntime,
-    DiffusionOptions,
-    GeneratedMedia,
-    check_source,
-    tiny_arch,
-)
-from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
+from anyverse.config import GeneratorConfig, TinySpec
+from anyverse.plugins import GeneratedMedia, Progress, tiny_arch
+from anyverse.types import Media, MediaRequest, Modality
 
-if TYPE_CHECKING:  # diffusers and transformers load on first use, so discovering plugins stays fast
-    from diffusers import AutoencoderKL, DDIMScheduler
+from .base import DECODE_CAPS, DiffusersGenerator, DiffusionOptions
 
 
 class StableDiffusionOptions(DiffusionOptions):
     strength: float = Field(default=0.6, gt=0.0, le=1.0, description="img2img: how far to move from the source")
 
 
-class StableDiffusionGenerator(DiffusersGenerator[StableDiffusionOptions]):
+class StableDiffusionGenerator(DiffusersGenerator):
     name: ClassVar[str] = "stable-diffusion"
     modality: ClassVar[Modality] = Modality.IMAGE
-    Options: ClassVar[type[GenerationOptions]] = StableDiffusionOptions
+    capabilities: ClassVar[frozenset[str]] = frozenset({"generate", "edit"})
+    Options: ClassVar[type[StableDiffusionOptions]] = StableDiffusionOptions
     accepts_source: ClassVar[frozenset[Modality]] = frozenset({Modality.IMAGE})
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
+    usual_weights: ClassVar[str] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
     def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
-        self._runtime = DiffusersRuntime(
-            type(self), config, device, dtype, options=StableDiffusionOptions, pipeline_class="StableDiffusionPipeline",
-            build_tiny=build_tiny, usual_weights="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        )
+        super().__init__(config, device, dtype)
         self._img2img: Any = None
 
+    @classmethod
+    def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
+        build_tiny(directory, spec)
+
     def conditioning_spec(self) -> dict[str, tuple[int, int]]:
-        return clip_conditioning_spec(self._runtime)
+        return clip_conditioning_spec(self)
 
     def unload(self) -> None:
         self._img2img = None
         super().unload()
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return encode_clip_prompts(self._runtime, prompts)
+        return encode_clip_prompts(self, prompts)
 
     def denoising_loss(self, conditioning: dict[str, torch.Tensor], media: list[Media]) -> torch.Tensor:
         """Images resized to the configured generation size, encoded by the VAE, denoised as the pipeline does."""
         from anyverse.media import decode_image
 
-        size = generation_size(self._runtime)
+        size = generation_size(self)
         pixels = torch.cat([vae_pixels(np.asarray(decode_image(m, DECODE_CAPS))[None], size) for m in media])
-        latents = self._runtime.vae_latents(pixels)
-        return self._runtime.denoising_loss(latents, encoder_hidden_states=conditioning["prompt_embeds"])
+        return self.diffusion_loss(self.vae_latents(pixels), encoder_hidden_states=conditioning["prompt_embeds"])
 
-    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
-        check_source(self, source)
-        options = self._runtime.options(request)
+    def generate_one(self, request: MediaRequest, options: StableDiffusionOptions, source: GeneratedMedia | None,
+                     progress: Progress | None, cancel: threading.Event | None) -> GeneratedMedia:
         if source is None:
-            kwargs = self._runtime.call_kwargs(self, request, options, height=options.height, width=options.width)
-            images = self._runtime.pipeline()(**kwargs).images
+            kwargs = self.call_kwargs(request, options, progress, cancel, height=options.height, width=options.width)
+            images = self.pipeline()(**kwargs).images
         else:
-            image = _resized(source.data, options.height, options.width)
-            kwargs = self._runtime.call_kwargs(self, request, options, image=image, strength=options.strength)
-            images = self._img2img_pipeline()(**kwargs).images
+            image = resized(source.data, options.height, options.width)
+            pipe = self._img2img_pipeline()
+            kwargs = self.call_kwargs(request, options, progress, cancel, pipe, image=image, strength=options.strength)
+            images = pipe(**kwargs).images
         return GeneratedMedia(Modality.IMAGE, np.asarray(images[0], dtype=np.float32))
 
     def _img2img_pipeline(self) -> Any:
@@ -81,7 +77,7 @@ class StableDiffusionGenerator(DiffusersGenerator[StableDiffusionOptions]):
         if self._img2img is None:
             from diffusers import StableDiffusionImg2ImgPipeline
 
-            pipe = self._runtime.pipeline()
+            pipe = self.pipeline()
             self._img2img = StableDiffusionImg2ImgPipeline(
                 **pipe.components, requires_safety_checker=pipe.config.requires_safety_checker
             )
@@ -89,7 +85,7 @@ class StableDiffusionGenerator(DiffusersGenerator[StableDiffusionOptions]):
         return self._img2img
 
 
-def _resized(images: np.ndarray, height: int | None, width: int | None) -> torch.Tensor:
+def resized(images: np.ndarray, height: int | None, width: int | None) -> torch.Tensor:
     """Images [H,W,3] or [N,H,W,3] in [0,1] (uint8: 0-255) as a [N,3,h,w] tensor in [0,1] at the requested size
     (their own size where unset)."""
     scale = 255.0 if images.dtype == np.uint8 else 1.0
@@ -101,81 +97,35 @@ def _resized(images: np.ndarray, height: int | None, width: int | None) -> torch
     return tensor.clamp(0.0, 1.0)
 
 
-# ---------------------------------------------------------------- shared with zeroscope
-
-# Training media were checked against the run's caps when loaded; decoding them again only needs the defaults.
-DECODE_CAPS = Caps()
+# ---------------------------------------------------------------- shared with zeroscope and instruct-pix2pix
 
 
-def generation_size(runtime: DiffusersRuntime[Any]) -> tuple[int, int]:
+def generation_size(generator: DiffusersGenerator) -> tuple[int, int]:
     """(height, width) the pipeline generates at: the configured options, else its UNet's sample size in pixels."""
-    pipe = runtime.pipeline()
+    pipe = generator.pipeline()
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return runtime.defaults.height or default, runtime.defaults.width or default
+    return generator.defaults.height or default, generator.defaults.width or default
 
 
 def vae_pixels(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Images [N,H,W,3] (float in [0,1] or uint8) as VAE input: [N,3,h,w] in [-1,1] at ``size``."""
-    return _resized(images, *size) * 2.0 - 1.0
+    return resized(images, *size) * 2.0 - 1.0
 
 
-
-def clip_conditioning_spec(runtime: DiffusersRuntime[Any]) -> dict[str, tuple[int, int]]:
+def clip_conditioning_spec(generator: DiffusersGenerator) -> dict[str, tuple[int, int]]:
     """CLIP text-encoder hidden states, padded to the tokenizer's length, as the pipeline's encode_prompt makes them."""
-    length = runtime.config_int(
+    length = generator.config_int(
         ("tokenizer/tokenizer_config.json", "model_max_length"), ("text_encoder/config.json", "max_position_embeddings")
     )
-    width = runtime.config_int(("text_encoder/config.json", "hidden_size"))
+    width = generator.config_int(("text_encoder/config.json", "hidden_size"))
     return {"prompt_embeds": (length, width)}
 
 
-def encode_clip_prompts(runtime: DiffusersRuntime[Any], prompts: list[str]) -> dict[str, torch.Tensor]:
-    pipe = runtime.pipeline()
+def encode_clip_prompts(generator: DiffusersGenerator, prompts: list[str]) -> dict[str, torch.Tensor]:
+    pipe = generator.pipeline()
     with torch.no_grad():
-        embeds, _ = pipe.encode_prompt(prompts, runtime.execution_device, 1, False)
+        embeds, _ = pipe.encode_prompt(prompts, generator.execution_device, 1, False)
     return {"prompt_embeds": embeds}
-
-
-def tiny_vae(channels: list[int], groups: int, sample_size: int = 32, image_channels: int = 3,
-             latent_channels: int = 4) -> AutoencoderKL:
-    """A small AutoencoderKL: RGB for SD/Zeroscope; AudioLDM-2 uses it on 1-channel mel spectrograms."""
-    from diffusers import AutoencoderKL
-
-    levels = len(channels)
-    return AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=groups,
-        sample_size=sample_size,
-    )
-
-
-def tiny_unet_kwargs(arch: dict[str, Any]) -> dict[str, Any]:
-    """The tiny UNet sizes SD's 2-D and Zeroscope's 3-D UNets share; each adds its own block types."""
-    return {
-        "sample_size": arch["size"] // 2 ** (len(arch["channels"]) - 1),
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": tuple(arch["channels"]),
-        "layers_per_block": 1,
-        "norm_num_groups": arch["groups"],
-        "cross_attention_dim": arch["text_hidden"],
-        "attention_head_dim": 8,
-    }
-
-
-def tiny_scheduler() -> DDIMScheduler:
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )
 
 
 # ---------------------------------------------------------------- tiny
@@ -196,7 +146,7 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
     """A real StableDiffusionPipeline with tiny random weights, saved as safetensors."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from ._tiny_text import clip_text_encoder, clip_tokenizer
+    from .tiny import clip_text_encoder, clip_tokenizer, tiny_scheduler, tiny_unet_kwargs, tiny_vae
 
     arch = tiny_arch(StableDiffusionGenerator.name, TINY_ARCH, spec)
     levels = len(arch["channels"])

@@ -1,10 +1,11 @@
 """Zeroscope (ModelScope text-to-video architecture) as the video generator: a prompt or CLIP-sized prompt
-embeddings in, frames out. Conditioning and the tiny VAE come from the Stable Diffusion plugin, which it extends
-with a 3-D UNet."""
+embeddings in, frames out. Its CLIP conditioning and VAE input come from the Stable Diffusion plugin, whose
+architecture it extends with a 3-D UNet."""
 
 from __future__ import annotations
 
 import inspect
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,64 +13,56 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from anyverse.config import GeneratorConfig, TinySpec
-from anyverse.plugins import (
-    DiffusersGenerator,
-    DiffusersRuntime,
-    DiffusionOptions,
-    GeneratedMedia,
-    check_source,
-    tiny_arch,
-)
+from anyverse.config import TinySpec
+from anyverse.plugins import GeneratedMedia, Progress, tiny_arch
 from anyverse.types import GenerationOptions, Media, MediaRequest, Modality
 
 from . import stable_diffusion as sd
+from .base import DECODE_CAPS, DiffusersGenerator, DiffusionOptions
 
 
 class ZeroscopeOptions(DiffusionOptions):
     fps: int = Field(default=8, ge=1, le=120, description="playback rate; with `seconds`, also sets the frame count")
 
 
-class ZeroscopeGenerator(DiffusersGenerator[ZeroscopeOptions]):
+class ZeroscopeGenerator(DiffusersGenerator):
     name: ClassVar[str] = "zeroscope"
     modality: ClassVar[Modality] = Modality.VIDEO
-    Options: ClassVar[type[GenerationOptions]] = ZeroscopeOptions
+    capabilities: ClassVar[frozenset[str]] = frozenset({"generate"})
+    Options: ClassVar[type[ZeroscopeOptions]] = ZeroscopeOptions
+    pipeline_class: ClassVar[str] = "TextToVideoSDPipeline"
+    usual_weights: ClassVar[str] = "cerspense/zeroscope_v2_576w"
 
-    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
-        self._runtime = DiffusersRuntime(
-            type(self), config, device, dtype, options=ZeroscopeOptions, pipeline_class="TextToVideoSDPipeline",
-            build_tiny=build_tiny, usual_weights="cerspense/zeroscope_v2_576w",
-        )
+    @classmethod
+    def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
+        build_tiny(directory, spec)
 
     def conditioning_spec(self) -> dict[str, tuple[int, int]]:
-        return sd.clip_conditioning_spec(self._runtime)
+        return sd.clip_conditioning_spec(self)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return sd.encode_clip_prompts(self._runtime, prompts)
+        return sd.encode_clip_prompts(self, prompts)
 
     def denoising_loss(self, conditioning: dict[str, torch.Tensor], media: list[Media]) -> torch.Tensor:
         """The configured frame count at the configured fps from each video's start, resized to the generation size
         and VAE-encoded frame by frame (as the pipeline decodes), then denoised as latents [B, C, F, h, w]."""
         from anyverse.media import decode_video_clips
 
-        runtime = self._runtime
-        fps = runtime.defaults.fps
-        frames = _frame_count([runtime.defaults], fps)
+        fps = self.defaults.fps
+        frames = _frame_count([self.defaults], fps)
         if frames is None:
-            frames = inspect.signature(runtime.pipeline().__call__).parameters["num_frames"].default
-        size = sd.generation_size(runtime)
-        clips = [decode_video_clips(m, sd.DECODE_CAPS, 1, frames, frames / fps, max(size))[0] for m in media]
-        latents = torch.stack([runtime.vae_latents(sd.vae_pixels(clip, size)) for clip in clips]).transpose(1, 2)
-        return runtime.denoising_loss(latents, encoder_hidden_states=conditioning["prompt_embeds"])
+            frames = inspect.signature(self.pipeline().__call__).parameters["num_frames"].default
+        size = sd.generation_size(self)
+        clips = [decode_video_clips(m, DECODE_CAPS, 1, frames, frames / fps, max(size))[0] for m in media]
+        latents = torch.stack([self.vae_latents(sd.vae_pixels(clip, size)) for clip in clips]).transpose(1, 2)
+        return self.diffusion_loss(latents, encoder_hidden_states=conditioning["prompt_embeds"])
 
-    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
-        check_source(self, source)
-        options = self._runtime.options(request)
-        frames = _frame_count([request.options, self._runtime.defaults], options.fps)
-        kwargs = self._runtime.call_kwargs(
-            self, request, options, height=options.height, width=options.width, num_frames=frames
-        )
-        video = self._runtime.pipeline()(**kwargs).frames[0]  # batch-indexed since diffusers 0.26
+    def generate_one(self, request: MediaRequest, options: ZeroscopeOptions, source: GeneratedMedia | None,
+                     progress: Progress | None, cancel: threading.Event | None) -> GeneratedMedia:
+        frames = _frame_count([request.options, self.defaults], options.fps)
+        kwargs = self.call_kwargs(request, options, progress, cancel, height=options.height, width=options.width,
+                                  num_frames=frames)
+        video = self.pipeline()(**kwargs).frames[0]  # batch-indexed since diffusers 0.26
         return GeneratedMedia(Modality.VIDEO, np.asarray(video, dtype=np.float32), fps=options.fps)
 
 
@@ -88,7 +81,7 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
     """A real TextToVideoSDPipeline with tiny random weights, saved as safetensors."""
     from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
-    from ._tiny_text import clip_text_encoder, clip_tokenizer
+    from .tiny import clip_text_encoder, clip_tokenizer, tiny_scheduler, tiny_unet_kwargs, tiny_vae
 
     arch = tiny_arch(ZeroscopeGenerator.name, sd.TINY_ARCH, spec)
     levels = len(arch["channels"])
@@ -99,10 +92,10 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
         unet = UNet3DConditionModel(
             down_block_types=("CrossAttnDownBlock3D",) * (levels - 1) + ("DownBlock3D",),
             up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (levels - 1),
-            **sd.tiny_unet_kwargs(arch),
+            **tiny_unet_kwargs(arch),
         )
         pipe: Any = TextToVideoSDPipeline(
-            vae=sd.tiny_vae(arch["channels"], arch["groups"], arch["size"]), text_encoder=text_encoder,
-            tokenizer=tokenizer, unet=unet, scheduler=sd.tiny_scheduler(),
+            vae=tiny_vae(arch["channels"], arch["groups"], arch["size"]), text_encoder=text_encoder,
+            tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
         )
     pipe.save_pretrained(directory, safe_serialization=True)

@@ -16,10 +16,10 @@ from anyverse.config import GeneratorConfig, TinySpec, load_config
 from anyverse.plugins import (
     GeneratedMedia,
     Generator,
-    GeneratorPool,
     available_generators,
     get_generator_class,
 )
+from anyverse.pool import GeneratorPool
 from anyverse.types import GenerationOptions, MediaRequest, Modality
 from anyverse.weights import MissingWeightsError
 
@@ -36,6 +36,11 @@ def configs() -> dict[Modality, GeneratorConfig]:
 @pytest.fixture(scope="module")
 def generators(configs: dict[Modality, GeneratorConfig]) -> dict[Modality, Generator]:
     return {m: get_generator_class(c.plugin)(c, CPU, torch.float32) for m, c in configs.items()}
+
+
+def make(generator: Generator, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
+    """One item through the batched protocol."""
+    return generator.generate([request], [source])[0]
 
 
 def request(modality: Modality, seed: int | None = 0, **options: Any) -> MediaRequest:
@@ -58,7 +63,7 @@ def expected_shape(modality: Modality, options: dict, media: GeneratedMedia) -> 
 
 @pytest.mark.parametrize("modality", OUTPUTS)
 def test_generates_from_prompt_with_configured_shape(generators, configs, modality):
-    media = generators[modality].generate(request(modality))
+    media = make(generators[modality], request(modality))
     assert media.modality is modality
     assert media.data.dtype == np.float32
     assert media.data.shape == expected_shape(modality, configs[modality].options, media)
@@ -80,14 +85,14 @@ def test_generates_from_prompt_with_configured_shape(generators, configs, modali
     ],
 )
 def test_request_options_override_config_defaults(generators, configs, modality, options):
-    media = generators[modality].generate(request(modality, **options))
+    media = make(generators[modality], request(modality, **options))
     assert media.data.shape == expected_shape(modality, {**configs[modality].options, **options}, media)
 
 
 @pytest.mark.parametrize("modality", OUTPUTS)
 def test_seed_makes_output_reproducible(generators, modality):
     generator = generators[modality]
-    first, again, other = (generator.generate(request(modality, seed)).data for seed in (1, 1, 2))
+    first, again, other = (make(generator, request(modality, seed)).data for seed in (1, 1, 2))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
 
@@ -120,7 +125,7 @@ def test_generates_from_conditioning_of_the_declared_shapes(generators, configs,
     conditioning = {name: torch.randn(1, *shape) for name, shape in generator.conditioning_spec().items()}
     options = GenerationOptions(seed=0, guidance=guidance)
     req = MediaRequest(modality=modality, conditioning=conditioning, origin="signal", options=options)
-    media = generator.generate(req)
+    media = make(generator, req)
     assert media.data.shape == expected_shape(modality, configs[modality].options, media)
     assert np.isfinite(media.data).all()
 
@@ -132,7 +137,7 @@ def test_wrong_conditioning_shape_names_the_expected_one(generators, modality):
     name, (length, width) = next(iter(spec.items()))
     conditioning = {n: torch.randn(1, *s) for n, s in spec.items()} | {name: torch.randn(1, length + 1, width)}
     with pytest.raises(ValueError, match=rf"{name}.*\(1, {length}, {width}\)"):
-        generator.generate(MediaRequest(modality=modality, conditioning=conditioning))
+        make(generator, MediaRequest(modality=modality, conditioning=conditioning))
 
 
 def test_audio_conditioning_needs_both_sequences(generators):
@@ -140,12 +145,12 @@ def test_audio_conditioning_needs_both_sequences(generators):
     length, width = generator.conditioning_spec()["prompt_embeds"]
     req = MediaRequest(modality=Modality.AUDIO, conditioning={"prompt_embeds": torch.randn(1, length, width)})
     with pytest.raises(ValueError, match="generated_prompt_embeds"):
-        generator.generate(req)
+        make(generator, req)
 
 
 def test_request_needs_prompt_or_conditioning(generators):
     with pytest.raises(ValueError, match="neither a prompt nor conditioning"):
-        generators[Modality.IMAGE].generate(MediaRequest(modality=Modality.IMAGE))
+        make(generators[Modality.IMAGE], MediaRequest(modality=Modality.IMAGE))
 
 
 def test_stable_diffusion_varies_a_source_image(generators):
@@ -154,7 +159,7 @@ def test_stable_diffusion_varies_a_source_image(generators):
     rng = np.random.default_rng(0)
     sources = [GeneratedMedia(Modality.IMAGE, rng.random((48, 40, 3), dtype=np.float32)) for _ in range(2)]
     req = MediaRequest(modality=Modality.IMAGE, prompt="a red cat", options=generator.Options(seed=0, strength=0.9))
-    first, second = (generator.generate(req, source=s).data for s in sources)
+    first, second = (make(generator, req, s).data for s in sources)
     assert first.shape == (32, 32, 3) and first.dtype == np.float32
     assert first.min() >= 0.0 and first.max() <= 1.0
     assert not np.array_equal(first, second)
@@ -163,7 +168,7 @@ def test_stable_diffusion_varies_a_source_image(generators):
 def test_generators_refuse_sources_they_cannot_edit(generators):
     source = GeneratedMedia(Modality.IMAGE, np.zeros((32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="zeroscope cannot edit image"):
-        generators[Modality.VIDEO].generate(request(Modality.VIDEO), source=source)
+        make(generators[Modality.VIDEO], request(Modality.VIDEO), source=source)
 
 
 @pytest.mark.parametrize(("options", "field"), [({"strenght": 0.5}, "strenght"), ({"strength": 2.0}, "strength")])
@@ -219,12 +224,12 @@ def test_broken_entry_point_is_skipped_with_a_warning(monkeypatch, caplog):
         EntryPoint("stable-diffusion", "anyverse.generators.stable_diffusion:StableDiffusionGenerator", group),
     ]
     monkeypatch.setattr(plugins, "entry_points", lambda group: points)
-    plugins._entry_point_generators.cache_clear()
+    plugins._discover.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="anyverse.plugins"):
             found = available_generators()
     finally:
-        plugins._entry_point_generators.cache_clear()
+        plugins._discover.cache_clear()
     assert "stable-diffusion" in found and "broken" not in found and "misnamed" not in found
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "'broken'" in warned and "No module named" in warned and "'misnamed'" in warned
@@ -243,7 +248,7 @@ def mock_pool(budget_gb: float) -> GeneratorPool:
 def test_registered_plugin_is_usable_through_the_pool():
     assert isinstance(MockImage(GeneratorConfig(plugin="mock-image", tiny=TinySpec()), CPU, torch.float32), Generator)
     pool = mock_pool(budget_gb=10.0)
-    media = pool.get(Modality.IMAGE).generate(MediaRequest(modality=Modality.IMAGE, prompt="x"))
+    media = make(pool.get(Modality.IMAGE), MediaRequest(modality=Modality.IMAGE, prompt="x"))
     assert media.data.shape == (2, 2, 3) and float(media.data[0, 0, 0]) == 0.25
     assert pool.conditioning_specs()[Modality.AUDIO] == {"prompt_embeds": (3, 4)}
     pool.check_weights()
@@ -258,18 +263,18 @@ def test_pool_loads_on_first_get_and_unloads_least_recently_used(caplog):
     assert MockImage.loads == before + 1
     pool.get(Modality.VIDEO)
     pool.get(Modality.IMAGE)  # video is now the least recently used
-    with caplog.at_level(logging.INFO, logger="anyverse.plugins"):
+    with caplog.at_level(logging.INFO, logger="anyverse.pool"):
         pool.get(Modality.AUDIO)
-    assert pool.loaded() == ["mock-image", "mock-audio"]
-    assert any("unloading mock-video" in r.getMessage() for r in caplog.records)
+    assert pool.loaded() == ["image", "audio"]
+    assert any("unloading video" in r.getMessage() for r in caplog.records)
 
 
 def test_pool_keeps_the_requested_generator_even_over_budget():
     pool = mock_pool(budget_gb=0.1)
     pool.get(Modality.IMAGE)
-    assert pool.loaded() == ["mock-image"]
+    assert pool.loaded() == ["image"]
     pool.get(Modality.AUDIO)
-    assert pool.loaded() == ["mock-audio"]
+    assert pool.loaded() == ["audio"]
 
 
 def test_pool_of_tiny_built_ins_swaps_within_budget(configs):
@@ -278,9 +283,9 @@ def test_pool_of_tiny_built_ins_swaps_within_budget(configs):
     )
     assert pool.conditioning_specs()[Modality.VIDEO] == {"prompt_embeds": (16, 32)}
     image = pool.get(Modality.IMAGE)
-    assert pool.loaded() == ["stable-diffusion"] and image.memory_bytes() > 0
+    assert pool.loaded() == ["image"] and image.memory_bytes() > 0
     pool.get(Modality.VIDEO)
-    assert pool.loaded() == ["zeroscope"] and not image.loaded
+    assert pool.loaded() == ["video"] and not image.loaded
     with pytest.raises(ValueError, match="no generator configured for audio"):
         pool.get(Modality.AUDIO)
 

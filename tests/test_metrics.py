@@ -134,7 +134,7 @@ def test_cli_bad_file_is_one_line_exit_2(caption_files: tuple[Path, Path], tmp_p
 
 
 def _tiny_clip(directory: Path) -> Path:
-    from anyverse.generators._tiny_text import clip_tokenizer
+    from anyverse.generators.tiny import clip_tokenizer
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     tokenizer = clip_tokenizer(77)

@@ -112,7 +112,7 @@ def test_streaming_yields_text_before_media(session: Anyverse) -> None:
 
 def test_missing_real_weights_lists_every_piece(tmp_path: Path) -> None:
     with pytest.raises(MissingWeightsError) as err:
-        Anyverse.from_profile("default", output_dir=tmp_path)
+        _ = Anyverse.from_profile("default", output_dir=tmp_path).model  # loaded on first use, every piece checked
     message = str(err.value)
     for piece in ("encoder", "anyverse convert imagebind", "llm", "Qwen/Qwen2.5-7B-Instruct",
                   "zeroscope_v2_576w", "cvssp/audioldm2", "stable-diffusion-v1-5", "projectors"):

@@ -21,7 +21,7 @@ from anyverse.devices import resolve_dtype
 from anyverse.encoders.imagebind import ImageBindEncoder
 from anyverse.media import MediaError, load_media
 from anyverse.model import AnyverseModel
-from anyverse.plugins import GeneratorPool
+from anyverse.pool import GeneratorPool
 from anyverse.signals import REQUEST_CLOSE, REQUEST_OPEN
 from anyverse.train.config import TrainConfig
 from anyverse.train.manifest import RequestRecord
@@ -44,7 +44,7 @@ def load_model(config: TrainConfig, device: torch.device,
     else:
         model_cfg = load_config(config.model, config.model_overrides)
     dtype = resolve_dtype("fp32", device)
-    pool = GeneratorPool(model_cfg.generators, device, dtype, model_cfg.runtime.generator_memory_gb)
+    pool = GeneratorPool.from_config(model_cfg, device, dtype)
     specs = pool.conditioning_specs() if output_projectors else {}
     model = AnyverseModel.from_config(model_cfg, device, dtype, specs, check, output_projectors=output_projectors)
     return model, pool

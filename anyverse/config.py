@@ -119,6 +119,9 @@ class OutputConfig(Strict):
     retries: int = Field(default=2, ge=0, le=10, description="re-asks when a meta-response is malformed")
     max_prompt_chars: int = Field(default=400, gt=0)
     max_requests: int = Field(default=4, gt=0, description="media requests honoured per reply")
+    name_generators: bool = Field(
+        default=False, description="meta mode: the system prompt lists the configured generators and a request may "
+                                   "name one; off keeps the prompt and schema a model was trained with")
 
     @model_validator(mode="after")
     def _outputs_only(self) -> OutputConfig:

@@ -43,20 +43,24 @@ class Context:
 
 def system_prompt(config: AnyverseConfig, vocab: SignalVocabulary, mode: str | None = None) -> str:
     """The versioned system prompt from ``prompts/<version>/system_<mode>.md`` with this config's values."""
-    values = {"request_open": REQUEST_OPEN, "request_close": REQUEST_CLOSE,
-              "max_prompt_chars": config.output.max_prompt_chars, "generators": generator_menu(config)}
-    for modality in vocab.counts:
-        values[f"{modality.value}_tokens"] = "".join(vocab.signal_tokens(modality))
-    return Template(prompt_template(config, mode)).safe_substitute(values).strip()
-
-
-def prompt_template(config: AnyverseConfig, mode: str | None = None) -> str:
-    """The raw ``prompts/<version>/system_<mode>.md``."""
     name = f"{config.llm.system_prompt}/system_{mode or config.output.mode}.md"
     source = resources.files("anyverse.prompts") / name
     if not source.is_file():
         raise ValueError(f"prompts/{name}: no such system prompt (llm.system_prompt={config.llm.system_prompt!r})")
-    return source.read_text()
+    values = {"request_open": REQUEST_OPEN, "request_close": REQUEST_CLOSE,
+              "max_prompt_chars": config.output.max_prompt_chars}
+    for modality in vocab.counts:
+        values[f"{modality.value}_tokens"] = "".join(vocab.signal_tokens(modality))
+    text = Template(source.read_text()).safe_substitute(values).strip()
+    if config.output.name_generators and (mode or config.output.mode) == "meta":
+        text += GENERATORS_PARAGRAPH + generator_menu(config)
+    return text
+
+
+GENERATORS_PARAGRAPH = """
+"generator" is optional: one of these generators, or what it should do (generate, edit, speech) for the usual one.
+A generator's own options go in "options" too.
+"""
 
 
 def fingerprint(encoder: ImageBindEncoder, llm: LoadedLLM) -> dict[str, Any]:
@@ -75,8 +79,6 @@ class AnyverseModel(nn.Module):
         self.input_projectors, self.output_projectors = input_projectors, output_projectors
         self.system_prompts = {mode: system_prompt(config, llm.vocab, mode) for mode in ("meta", "signal")}
         self.system_prompt = self.system_prompts[config.output.mode]
-        # A prompt that lists the generators lets the model name one; older (trained) prompts keep their schema.
-        self.names_generators = "$generators" in prompt_template(config, "meta")
 
     @property
     def llm(self) -> LoadedLLM:

@@ -2,8 +2,8 @@
 
 A request names a generator (or a capability), or leaves it to the defaults: ``generator_defaults`` in the config,
 else an old-form entry keyed by the modality, else the first configured generator of that modality that can. A
-generator whose plugin is broken, whose config options are invalid or whose weights fail to load is reported once
-and refused by name; every other one keeps working.
+generator whose plugin is missing or broken, whose config options are invalid or whose weights fail to load is
+reported once and refused by name; every other one keeps working.
 """
 
 from __future__ import annotations
@@ -232,9 +232,7 @@ def _slot(name: str, config: GeneratorConfig, device: torch.device, dtype: torch
         raise ValueError(f"generators.{name}: {name!r} names a capability; choose another name")
     try:
         cls = get_generator_class(plugin)
-    except ValueError as err:
-        if "is broken" not in str(err):
-            raise ValueError(f"generators.{name}: {err}") from None
+    except ValueError as err:  # not installed, or broken: the others keep working
         log.warning("generators.%s: %s", name, err)
         return Slot(name, plugin, None, None, str(err))
     if name in {m.value for m in OUTPUT_MODALITIES} and cls.modality != name:

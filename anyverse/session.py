@@ -226,7 +226,7 @@ class Anyverse:
         processors: list = []
         grammar = None
         if out.mode == "meta" and out.constrained != "none":
-            routing = ((self.generators.choices(), self.generators.options_schema()) if self.model.names_generators
+            routing = ((self.generators.choices(), self.generators.options_schema()) if out.name_generators
                        else ((), None))
             grammar = grammar_processor(self.model.llm, out.max_prompt_chars, tuple(self.media), require, *routing)
             if grammar is None and out.constrained == "xgrammar":
@@ -290,6 +290,9 @@ class Anyverse:
             raise ValueError(f"unknown media id {request.source!r}")
         name = self.generators.route(request, None if source is None else source.modality)
         generator = self.generators.peek(name)
+        if source is None and "generate" not in generator.capabilities:  # an editor given no source: the latest
+            source = next((m for m in reversed(self.media.values()) if m.modality in generator.accepts_source), None)
+            request.source = None if source is None else source.id
         validate_options(generator.Options, request.options.model_dump(exclude_none=True), name)
         request.generator = name
         decoded = self._source(request, source, generator.accepts_source)

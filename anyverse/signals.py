@@ -90,7 +90,10 @@ def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), mod
         props["modality"]["enum"] = list(modalities)
     props["prompt"]["maxLength"] = max_prompt_chars
     props["source"] = {"anyOf": [{"enum": list(media_ids)}, {"type": "null"}]} if media_ids else {"type": "null"}
-    props["generator"] = {"anyOf": [{"enum": list(generators)}, {"type": "null"}]} if generators else {"type": "null"}
+    if generators:
+        props["generator"] = {"anyOf": [{"enum": list(generators)}, {"type": "null"}]}
+    else:  # a prompt that names no generators keeps the schema it was trained with
+        del props["generator"]
     option_schema = json.loads(options) if options else {**schema["$defs"]["RequestOptions"]}
     schema["$defs"]["RequestOptions"] = {**option_schema, "additionalProperties": False}
     return json.dumps(schema)

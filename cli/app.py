@@ -13,6 +13,8 @@ import typer
 from anyverse.cli.data import data_app
 from anyverse.cli.errors import fail_cleanly
 from anyverse.cli.eval import eval_app
+from anyverse.cli.generators import generators_app
+from anyverse.cli.options import Generator, GeneratorOptions, Json, Overrides, Profile, parse_options
 from anyverse.cli.train import train_app
 
 app = typer.Typer(help="Any-to-any multimodal assistant: chat in text, image, audio and video.",
@@ -24,16 +26,14 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
+app.add_typer(generators_app, name="generators")
 
-Profile = Annotated[str, typer.Option("--profile", "-p", help="profile name (tiny, default) or a YAML config file")]
-Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
 Attach = Annotated[list[str] | None, typer.Option(
     "--attach", "-a", help="media file (repeatable); prefix depth: or thermal: for those image kinds")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
 Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
 Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turn.json")]
-Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
 Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
 Checkpoint = Annotated[Path | None, typer.Option(
     help="trained checkpoint (or run directory: its newest) to use instead of --profile")]
@@ -107,15 +107,16 @@ def run(
     dtype: Dtype = None,
     mode: Mode = None,
     checkpoint: Checkpoint = None,
+    generator: Generator = None,
 ) -> None:
     """One turn: text and media in, text and media out (media and turn.json go to --out)."""
     session = _session(profile, _overrides(overrides, device, dtype, mode), out, checkpoint)
     media = _attachments(session, attach)
     if as_json:
-        result = session.turn(prompt, media, require=_modality(require), seed=seed)
+        result = session.turn(prompt, media, require=_modality(require), seed=seed, generator=generator)
         typer.echo(result.model_dump_json())
         return
-    _print_events(session.stream(prompt, media, require=_modality(require), seed=seed), False)
+    _print_events(session.stream(prompt, media, require=_modality(require), seed=seed, generator=generator), False)
 
 
 @app.command()
@@ -155,7 +156,10 @@ def chat(
 @fail_cleanly
 def generate(
     modality: Annotated[str, typer.Argument(help="image, video or audio")],
-    prompt: Annotated[str, typer.Argument(help="what to generate")],
+    prompt: Annotated[str, typer.Argument(help="what to generate, or how to change --source")],
+    generator: Generator = None,
+    option: GeneratorOptions = None,
+    source: Annotated[Path | None, typer.Option(help="media file to edit (for generators that edit)")] = None,
     profile: Profile = "tiny",
     overrides: Overrides = None,
     out: Out = Path("anyverse-out"),
@@ -165,21 +169,13 @@ def generate(
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
-    """Generate media directly with a generator plugin, without the LLM. Writes PNG, MP4 (H.264) or WAV."""
-    from anyverse.config import load_config
-    from anyverse.devices import resolve_device, resolve_dtype
-    from anyverse.plugins import GeneratorPool
-    from anyverse.session import save_generated
-    from anyverse.types import GenerationOptions, MediaRequest
-
-    config = load_config(profile, _overrides(overrides, device, dtype, None))
-    target = _modality(modality)
-    torch_device = resolve_device(config.runtime.device)
-    pool = GeneratorPool(config.generators, torch_device, resolve_dtype(config.runtime.dtype, torch_device),
-                         config.runtime.generator_memory_gb)
-    request = MediaRequest(modality=target, prompt=prompt, options=GenerationOptions(seed=seed, steps=steps))
-    media = save_generated(pool.get(target).generate(request), out)
-    typer.echo(media.model_dump_json() if as_json else str(media.path))
+    """Generate media with a generator plugin alone, without the LLM (no LLM or encoder weights needed). Writes PNG,
+    MP4 (H.264) or WAV."""
+    session = _session(profile, _overrides(overrides, device, dtype, None), out)
+    options = {**parse_options(option), **({"seed": seed} if seed is not None else {}),
+               **({"steps": steps} if steps is not None else {})}
+    made = session.generate(prompt, modality=_modality(modality), generator=generator, source=source, options=options)
+    typer.echo(made.model_dump_json() if as_json else str(made.media.path))
 
 
 @debug_app.command("parse")

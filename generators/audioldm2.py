@@ -33,6 +33,8 @@ class AudioLDM2Options(DiffusionOptions):
 
 
 class AudioLDM2Generator(DiffusersGenerator):
+    """AudioLDM-2: sounds and music from a prompt."""
+
     name: ClassVar[str] = "audioldm2"
     modality: ClassVar[Modality] = Modality.AUDIO
     capabilities: ClassVar[frozenset[str]] = frozenset({"generate"})

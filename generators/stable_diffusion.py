@@ -26,6 +26,8 @@ class StableDiffusionOptions(DiffusionOptions):
 
 
 class StableDiffusionGenerator(DiffusersGenerator):
+    """Stable Diffusion: images from a prompt, or a source image varied through img2img."""
+
     name: ClassVar[str] = "stable-diffusion"
     modality: ClassVar[Modality] = Modality.IMAGE
     capabilities: ClassVar[frozenset[str]] = frozenset({"generate", "edit"})

@@ -26,6 +26,8 @@ class ZeroscopeOptions(DiffusionOptions):
 
 
 class ZeroscopeGenerator(DiffusersGenerator):
+    """Zeroscope (ModelScope text-to-video): short videos from a prompt."""
+
     name: ClassVar[str] = "zeroscope"
     modality: ClassVar[Modality] = Modality.VIDEO
     capabilities: ClassVar[frozenset[str]] = frozenset({"generate"})

@@ -74,7 +74,7 @@ def test_denoising_loss_is_finite_and_trains_only_the_conditioning(world, pairs,
     loss.backward()
     floats = {name: value for name, value in cond.items() if value.is_floating_point()}
     assert floats and all(value.grad is not None and value.grad.abs().sum() > 0 for value in floats.values())
-    pipe = generator._runtime.pipeline()
+    pipe = generator.pipeline()
     frozen = [pipe.unet, pipe.vae]
     assert all(p.grad is None for module in frozen for p in module.parameters())
 
@@ -93,7 +93,7 @@ def test_denoising_loss_depends_on_the_conditioning(world, pairs, generators, mo
 
 def test_the_target_follows_the_schedulers_prediction_type(world, pairs, generators, monkeypatch):
     generator = generators[Modality.IMAGE]
-    runtime = generator._runtime
+    runtime = generator
     pipe = runtime.pipeline()
     media = media_of(world, pairs, Modality.IMAGE)
     losses = {}

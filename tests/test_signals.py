@@ -97,7 +97,9 @@ def test_constrained_schema_limits_prompt_and_sources() -> None:
     schema = json.loads(meta_json_schema(30, ("img_1", "aud_2")))
     assert schema["properties"]["prompt"]["maxLength"] == 30
     assert schema["properties"]["source"]["anyOf"][0]["enum"] == ["img_1", "aud_2"]
-    assert set(schema["properties"]) == set(MetaResponse.model_fields)
+    assert set(schema["properties"]) == set(MetaResponse.model_fields) - {"generator"}  # as trained prompts had it
+    named = json.loads(meta_json_schema(30, (), (), ("stable-diffusion", "edit")))
+    assert named["properties"]["generator"]["anyOf"][0]["enum"] == ["stable-diffusion", "edit"]
 
 
 def test_vocabulary_is_derived_from_counts() -> None:

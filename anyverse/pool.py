@@ -103,13 +103,13 @@ class GeneratorPool:
     # ---- choosing
 
     def default(self, modality: Modality, capability: str = "generate") -> str | None:
-        """The generator for (modality, capability): the configured default, else an old-form entry keyed by the
-        modality that can, else the first configured one that can; None when nothing configured can."""
+        """The usable generator for (modality, capability): the configured default, else an old-form entry keyed by
+        the modality that can, else the first configured one that can; None when nothing configured can."""
         chosen = self._defaults.get(modality, {}).get(capability)
-        if chosen is not None:
+        if chosen is not None and self._slots[chosen].generator is not None:
             return chosen
-        candidates = [n for n, s in self._slots.items() if s.cls is not None and s.cls.modality == modality
-                      and capability in s.cls.capabilities]
+        candidates = [n for n, s in self._slots.items() if s.generator is not None and s.cls is not None
+                      and s.cls.modality == modality and capability in s.cls.capabilities]
         return modality.value if modality.value in candidates else next(iter(candidates), None)
 
     def default_names(self) -> dict[tuple[Modality, str], str]:
@@ -169,10 +169,9 @@ class GeneratorPool:
         if not generator.loaded:
             try:
                 generator.load()
-            except Exception as err:
-                self._break(name, f"load failed: {type(err).__name__}: {err}")
+            except Exception as err:  # third-party loading code: whatever it raises, the others keep working
                 generator.unload()
-                gc.collect()
+                self._break(name, f"load failed: {type(err).__name__}: {err}")
                 raise ValueError(f"generator {name!r} is broken: {self._slots[name].broken}") from None
             self._fit_budget(keep=name)
         return generator
@@ -189,7 +188,8 @@ class GeneratorPool:
 
     def _break(self, name: str, why: str) -> None:
         slot = self._slots[name]
-        slot.broken = why
+        slot.broken, slot.generator = why, None
+        gc.collect()
         log.warning("generator %r is broken and will not be used: %s", name, why)
 
     def _fit_budget(self, keep: str) -> None:

@@ -8,11 +8,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from anyverse.generators.base import DiffusersGenerator, DiffusionOptions
+from anyverse.generators.stable_diffusion import TINY_ARCH, resized
 from pydantic import Field
 
 from anyverse.config import TinySpec
-from anyverse.generators.base import DiffusersGenerator, DiffusionOptions
-from anyverse.generators.stable_diffusion import TINY_ARCH, resized
 from anyverse.plugins import GeneratedMedia, Progress, tiny_arch
 from anyverse.types import MediaRequest, Modality
 
@@ -44,8 +44,6 @@ class InstructPix2PixGenerator(DiffusersGenerator):
     @classmethod
     def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
         """Stable Diffusion's tiny parts with an 8-channel UNet input (noise latents + source latents)."""
-        from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
-
         from anyverse.generators.tiny import (
             clip_text_encoder,
             clip_tokenizer,
@@ -53,6 +51,7 @@ class InstructPix2PixGenerator(DiffusersGenerator):
             tiny_unet_kwargs,
             tiny_vae,
         )
+        from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
         arch = tiny_arch(cls.name, TINY_ARCH, spec)
         levels = len(arch["channels"])

@@ -84,7 +84,7 @@ class VitsGenerator(BaseGenerator):
         return GeneratedMedia(Modality.AUDIO, audio, sample_rate=self.model.config.sampling_rate)
 
 
-TINY_ARCH: dict[str, Any] = {"hidden": 16, "sampling_rate": 16000}
+TINY_ARCH: dict[str, Any] = {"hidden": 16, "layers": 1, "sampling_rate": 16000}
 
 
 def build_tiny(directory: Path, spec: TinySpec | None) -> None:
@@ -97,13 +97,13 @@ def build_tiny(directory: Path, spec: TinySpec | None) -> None:
     vocab = directory / "vocab.json"
     directory.mkdir(parents=True, exist_ok=True)
     vocab.write_text(json.dumps({c: i for i, c in enumerate(chars)}))
-    hidden = arch["hidden"]
+    hidden, layers = arch["hidden"], arch["layers"]
     config = VitsConfig(
-        vocab_size=len(chars), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, ffn_dim=2 * hidden,
+        vocab_size=len(chars), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, ffn_dim=4 * hidden,
         flow_size=hidden, spectrogram_bins=17, upsample_initial_channel=hidden, upsample_rates=[4, 4],
         upsample_kernel_sizes=[8, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
         duration_predictor_filter_channels=hidden, prior_encoder_num_wavenet_layers=1,
-        posterior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1, prior_encoder_num_flows=1,
+        posterior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1, prior_encoder_num_flows=layers,
         depth_separable_num_layers=1, pad_token_id=0, sampling_rate=arch["sampling_rate"],
     )
     with torch.random.fork_rng(devices=[]):

@@ -26,7 +26,7 @@ from anyverse.model import system_prompt
 from anyverse.plugins import GenerationCancelled
 from anyverse.session import Anyverse
 from anyverse.signals import SignalVocabulary
-from anyverse.types import Modality, RequestOptions
+from anyverse.types import MediaProgress, Modality, RequestOptions
 
 runner = CliRunner()
 EXAMPLES = {"instruct-pix2pix": ("image", ["edit"], "anyverse-instruct-pix2pix"),
@@ -208,6 +208,15 @@ def test_progress_reports_each_step_and_cancel_stops(session: Anyverse, name: st
 
     with pytest.raises(GenerationCancelled, match="step 2"):
         generator.generate(requests, [None, None], progress=stop_after_one, cancel=cancel)
+
+
+def test_a_turn_streams_generator_progress_before_the_media(session: Anyverse, llm_says) -> None:  # type: ignore[no-untyped-def]
+    llm_says('<|request|>{"modality": "image", "prompt": "a cat", "options": {"steps": 3}}<|/request|>')
+    events = list(session.stream("draw a cat", seed=0))
+    kinds = [e.kind for e in events]
+    progress = [(e.index, e.step, e.total) for e in events if isinstance(e, MediaProgress)]
+    assert progress == [(0, 1, 3), (0, 2, 3), (0, 3, 3)]
+    assert kinds.index("progress") > kinds.index("request") and kinds.index("media") > kinds.index("progress")
 
 
 # ---------------------------------------------------------------- isolation

@@ -146,11 +146,20 @@ TINY_ARCH: dict[str, Any] = {
 
 def build_tiny(directory: Path, spec: TinySpec) -> None:
     """A real StableDiffusionPipeline with tiny random weights, saved as safetensors."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
+
+    pipe: Any = StableDiffusionPipeline(**tiny_components(StableDiffusionGenerator.name, spec))
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def tiny_components(plugin: str, spec: TinySpec, unet_in_channels: int = 4) -> dict[str, Any]:
+    """Tiny random SD parts (``TINY_ARCH`` with ``tiny.arch`` over it), as pipeline keyword arguments; SD-based
+    pipelines with another UNet input (InstructPix2Pix: 8 channels) share them."""
+    from diffusers import UNet2DConditionModel
 
     from .tiny import clip_text_encoder, clip_tokenizer, tiny_scheduler, tiny_unet_kwargs, tiny_vae
 
-    arch = tiny_arch(StableDiffusionGenerator.name, TINY_ARCH, spec)
+    arch = tiny_arch(plugin, TINY_ARCH, spec)
     levels = len(arch["channels"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -159,11 +168,9 @@ def build_tiny(directory: Path, spec: TinySpec) -> None:
         unet = UNet2DConditionModel(
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-            **tiny_unet_kwargs(arch),
+            **{**tiny_unet_kwargs(arch), "in_channels": unet_in_channels},
         )
-        pipe: Any = StableDiffusionPipeline(
-            vae=tiny_vae(arch["channels"], arch["groups"], arch["size"]), text_encoder=text_encoder,
-            tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    pipe.save_pretrained(directory, safe_serialization=True)
+        vae = tiny_vae(arch["channels"], arch["groups"], arch["size"])
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+            "scheduler": tiny_scheduler(), "safety_checker": None, "feature_extractor": None,
+            "requires_safety_checker": False}

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from anyverse.generators.base import DiffusersGenerator, DiffusionOptions
-from anyverse.generators.stable_diffusion import TINY_ARCH, resized
+from anyverse.generators.stable_diffusion import resized, tiny_components
 from pydantic import Field
 
 from anyverse.config import TinySpec
-from anyverse.plugins import GeneratedMedia, Progress, tiny_arch
+from anyverse.plugins import GeneratedMedia, Progress
 from anyverse.types import MediaRequest, Modality
 
 
@@ -44,29 +43,7 @@ class InstructPix2PixGenerator(DiffusersGenerator):
     @classmethod
     def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
         """Stable Diffusion's tiny parts with an 8-channel UNet input (noise latents + source latents)."""
-        from anyverse.generators.tiny import (
-            clip_text_encoder,
-            clip_tokenizer,
-            tiny_scheduler,
-            tiny_unet_kwargs,
-            tiny_vae,
-        )
-        from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+        from diffusers import StableDiffusionInstructPix2PixPipeline
 
-        arch = tiny_arch(cls.name, TINY_ARCH, spec)
-        levels = len(arch["channels"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            tokenizer = clip_tokenizer(arch["max_length"])
-            text_encoder = clip_text_encoder(tokenizer, arch["text_hidden"], arch["text_layers"], arch["text_heads"])
-            unet = UNet2DConditionModel(
-                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-                up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-                **{**tiny_unet_kwargs(arch), "in_channels": 8},
-            )
-            pipe: Any = StableDiffusionInstructPix2PixPipeline(
-                vae=tiny_vae(arch["channels"], arch["groups"], arch["size"]), text_encoder=text_encoder,
-                tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+        pipe: Any = StableDiffusionInstructPix2PixPipeline(**tiny_components(cls.name, spec, unet_in_channels=8))
         pipe.save_pretrained(directory, safe_serialization=True)

@@ -7,7 +7,7 @@ a plugin writes ``load`` and ``generate_one``. Diffusers pipelines subclass ``an
 DiffusersGenerator`` instead. ``ANYVERSE_PLUGINS=name,...`` restricts which third-party plugins load. A plugin that
 fails to import or declares itself wrongly is skipped, reported once, and listed by ``anyverse generators list``.
 
-This module imports neither torch nor diffusers, so finding plugins stays fast.
+This module imports neither torch, diffusers nor numpy, so finding plugins stays fast.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-import numpy as np
 from pydantic import ConfigDict, ValidationError
 
 from anyverse.types import OUTPUT_MODALITIES, GenerationOptions, Media, MediaRequest, Modality
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from anyverse.config import GeneratorConfig, TinySpec

@@ -38,8 +38,9 @@ class Slot:
 
 
 class GeneratorPool:
-    """Configured generators by name, loaded on first use; loading one unloads the least recently used others
-    until the loaded total fits ``memory_budget_gb`` (the one just requested always stays)."""
+    """Configured generators by name, loaded on first use; before loading one (its weight files give the size), the
+    least recently used others unload until the total would fit ``memory_budget_gb``; the one requested always
+    loads and stays."""
 
     def __init__(self, configs: Mapping[str, GeneratorConfig], device: torch.device, dtype: torch.dtype,
                  memory_budget_gb: float, defaults: Mapping[Modality, Mapping[str, str]] | None = None):
@@ -168,6 +169,7 @@ class GeneratorPool:
         self._use_order.append(name)
         if not generator.loaded:
             try:
+                self._fit_budget(keep=name, incoming=generator.memory_bytes())  # make room first: lower peak
                 generator.load()
             except Exception as err:  # third-party loading code: whatever it raises, the others keep working
                 generator.unload()
@@ -192,9 +194,10 @@ class GeneratorPool:
         gc.collect()
         log.warning("generator %r is broken and will not be used: %s", name, why)
 
-    def _fit_budget(self, keep: str) -> None:
+    def _fit_budget(self, keep: str, incoming: int = 0) -> None:
+        """Unload least recently used generators until the loaded ones (plus ``incoming`` bytes about to load) fit."""
         for name in list(self._use_order):
-            total = sum(g.memory_bytes() for g in self._loaded())
+            total = sum(g.memory_bytes() for g in self._loaded()) + incoming
             if total <= self.budget_bytes:
                 return
             generator = self._slots[name].generator

@@ -14,13 +14,12 @@ def fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from anyverse.config import ConfigError
-        from anyverse.media import MediaError
-        from anyverse.weights import MissingWeightsError
+        from anyverse.weights import MissingWeightsError  # MediaError and ConfigError are ValueErrors; importing
+        # anyverse.media here (PyAV, numpy) would tax fast commands like `generators list`
 
         try:
             return command(*args, **kwargs)
-        except (MediaError, ConfigError, MissingWeightsError, ValueError, FileNotFoundError) as err:
+        except (MissingWeightsError, ValueError, FileNotFoundError) as err:
             typer.echo(f"anyverse: error: {err}", err=True)
             raise typer.Exit(2) from None
 

@@ -79,7 +79,7 @@ def test_list_shows_the_installed_example_packages_without_importing_torch() -> 
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]"
-    assert cpu < 1.0  # benchmarks/plugin_list.py measures it against a bare interpreter
+    assert cpu <= 0.5  # CPU seconds, robust to a busy machine; benchmarks/plugin_list.py reports wall time too
 
 
 def test_info_gives_options_schema_defaults_conditioning_and_memory() -> None:

@@ -112,7 +112,9 @@ class Anyverse:
     def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, **kwargs) -> Anyverse:
         """Load a training checkpoint (or a run directory's newest one) onto the base it names, verified."""
         config, check = checkpoint_config(Path(path), overrides)
-        return cls(config, check_base=check, **kwargs)
+        session = cls(config, check_base=check, **kwargs)
+        _ = session.model  # verified against its base now, not at the first turn
+        return session
 
     def _check_projectors(self) -> None:
         real = self.config.encoder.tiny is None or self.config.llm.tiny is None

@@ -34,7 +34,7 @@ def list_generators(
         configured = ", ".join(f"{e['name']} ({e['weights']})" for e in row["configured"]) or "-"
         origin = "built-in" if row["built_in"] else f"{row['package']} {row['version']}"
         typer.echo(f"{row['name']:<20} {row['modality'] or '?':<6} {','.join(row['capabilities']):<16} "
-                   f"{origin:<28} configured: {configured}")
+                   f"{origin:<34} configured: {configured}")
         if row["broken"]:
             typer.echo(f"{'':<20} broken: {row['broken']}")
 

@@ -13,7 +13,6 @@ from anyverse.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner
 
-from anyverse.media import save_audio, save_image, save_video
 from anyverse.session import Anyverse
 from anyverse.signals import MEDIA_TOKEN, REQUEST_OPEN
 from anyverse.types import Modality, TextDelta
@@ -26,19 +25,6 @@ runner = CliRunner()
 def session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Anyverse:
     return Anyverse.from_profile("tiny", [f"output.mode={request.param}"],
                                  output_dir=tmp_path_factory.mktemp(f"out-{request.param}"))
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One file per input modality, written by the project's own writers."""
-    folder = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    tone = np.sin(np.linspace(0, 440 * 2 * np.pi, 16000)).astype(np.float32) * 0.5
-    return {
-        "image": save_image(rng.random((40, 48, 3)), folder).path,
-        "audio": save_audio(tone, 16000, folder).path,
-        "video": save_video(rng.random((8, 32, 32, 3)), 8, folder).path,
-    }
 
 
 def check_file(path: Path, modality: Modality) -> None:

@@ -203,22 +203,23 @@ def test_the_converted_projectors_equal_nextgpts_modules_loaded_with_the_origina
         assert expected.abs().mean() > 0.01  # not trivially equal
 
 
-@pytest.mark.parametrize("modality", [Modality.IMAGE, Modality.VIDEO, Modality.AUDIO])
-def test_a_signal_turn_reaches_each_generator_with_its_declared_shape(session, image, modality):
-    result = session.turn("describe this and show me one", [image], require=modality, seed=0)
-    produced = [p for p in result.media if p.media.modality == modality]
-    assert produced, result.notices
-    spec = session.generators.get(modality).conditioning_spec()
-    conditioning = produced[0].request.conditioning
-    assert {name: tuple(t.shape) for name, t in conditioning.items()} == {n: (1, *s) for n, s in spec.items()}
-    assert produced[0].media.path.is_file()
+def test_a_signal_turn_reaches_the_three_generators_with_their_declared_shapes(session, image):
+    wanted = {Modality.IMAGE, Modality.VIDEO, Modality.AUDIO}
+    result = session.turn("describe this and show me more", [image], require=wanted, seed=0)
+    assert {p.media.modality for p in result.media} == wanted, result.notices
+    for produced in result.media:
+        spec = session.generators.get(produced.media.modality).conditioning_spec()
+        shapes = {name: tuple(t.shape) for name, t in produced.request.conditioning.items()}
+        assert shapes == {name: (1, *shape) for name, shape in spec.items()}
+        assert produced.media.path.is_file()
+    assert session.generators.get(Modality.AUDIO).name == "audioldm"
 
 
 def test_the_prompt_is_nextgpts_and_typed_structure_stays_text(session, image):
     from anyverse.types import Message
 
     llm = session.model.llm
-    message = session.user_message("a [IMG0] ### Assistant: <Img>", [image, image])
+    message = session.prepare("a [IMG0] ### Assistant: <Img>", [image, image])
     context = session.model.render([message])
     assert context.text.startswith("<s>### Human: <Img><media></Img> a [")
     assert context.text.endswith("\n### Assistant:")
@@ -237,7 +238,7 @@ def test_files_of_one_modality_are_summed_into_one_vector(session, image, tmp_pa
     other = tmp_path / "dog.png"
     Image.fromarray(np.full((40, 40, 3), 200, dtype=np.uint8)).save(other)
     model = session.model
-    message = session.user_message("two", [image, other])
+    message = session.prepare("two", [image, other])
     context = model.render([message])
     embeds = model.embed(context)
     soft = model.soft_tokens(message.media)

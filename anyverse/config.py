@@ -170,6 +170,8 @@ class AnyverseConfig(Strict):
         bad = [m.value for m in self.generators if m not in OUTPUT_MODALITIES]
         if bad:
             raise ValueError(f"generators: no generator can produce {bad}")
+        if self.llm.prompt_format == "nextgpt" and self.output.mode != "signal":
+            raise ValueError("llm.prompt_format nextgpt asks for media with signal tokens; set output.mode: signal")
         return self
 
     def input_projector(self, modality: Modality) -> InputProjectorConfig:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
@@ -20,7 +21,7 @@ import torch
 
 from anyverse.config import LLMConfig, LoraConfigSpec, TinySpec
 from anyverse.signals import SignalVocabulary
-from anyverse.weights import component_dir, locate
+from anyverse.weights import collect_missing, component_dir, locate
 
 log = logging.getLogger(__name__)
 
@@ -126,25 +127,39 @@ class LoadedLLM:
 
 
 def llm_dir(config: LLMConfig) -> Path:
-    return component_dir(
-        "llm",
-        config,
-        build=lambda d: build_tiny_llm(d, config.tiny or TinySpec()),
-        how_to_get=f"Run `huggingface-cli download {config.path}` on a machine with internet (then copy the HF "
-        "cache), or set llm.path to a local directory holding the model and its tokenizer.",
-    )
+    how_to_get = (f"Run `huggingface-cli download {config.path}` on a machine with internet (then copy the HF cache), "
+                  "or set llm.path to a local directory holding the model and its tokenizer.")
+    if config.prompt_format == "nextgpt":
+        from anyverse.nextgpt import VICUNA_V0
+
+        how_to_get = VICUNA_V0
+    return component_dir("llm", config, build=lambda d: build_tiny_llm(d, config.tiny or TinySpec()),
+                         how_to_get=how_to_get)
 
 
 def adapter_dir(config: LLMConfig) -> Path | None:
     if config.adapter is None:
         return None
-    return locate(config.adapter, "llm.adapter", "Point llm.adapter at a peft adapter directory (adapter_config.json).")
+    return locate(config.adapter, "llm.adapter", _converted_how(config) or
+                  "Point llm.adapter at a peft adapter directory (adapter_config.json).")
 
 
 def check_llm_weights(config: LLMConfig) -> None:
+    """Raise one MissingWeightsError naming every absent piece: base model, adapter, NExT-GPT's added tokens."""
+    checks: list[Callable[[], object]] = [lambda: adapter_dir(config)]
     if config.tiny is None:
-        llm_dir(config)
-    adapter_dir(config)
+        checks.insert(0, lambda: llm_dir(config))
+    if config.added_tokens is not None:
+        checks.append(lambda: locate(config.added_tokens or "", "llm.added_tokens", _converted_how(config)))
+    collect_missing(checks)
+
+
+def _converted_how(config: LLMConfig) -> str:
+    if config.prompt_format != "nextgpt":
+        return ""
+    from anyverse.nextgpt import CONVERT
+
+    return CONVERT
 
 
 def base_fingerprint(model: Any) -> str:

@@ -46,6 +46,11 @@ _OUTPUTS = {"gen_text_hidden_fcs.0.": Modality.IMAGE, "gen_text_hidden_fcs_video
             "gen_text_hidden_fcs_audio.0.": Modality.AUDIO}
 _TEXTFC_REQUIRED = ("fc.weight", "fc.bias", "model.weight", "model.bias", "query_embs")
 _WHERE = "ChocoWu/nextgpt_7b_tiva_v0's pytorch_model.pt"
+VICUNA_V0 = ("Vicuna-7B v0 is LLaMA-7B (v1, in Hugging Face format) plus lmsys/vicuna-7b-delta-v0: merge them with "
+             "`python -m fastchat.model.apply_delta --base-model-path LLAMA_7B --target-model-path DIR --delta-path "
+             "lmsys/vicuna-7b-delta-v0` and put DIR here (README: Running NExT-GPT's released weights).")
+CONVERT = ("Download pytorch_model.pt and added_tokens.json from ChocoWu/nextgpt_7b_tiva_v0 and run `anyverse convert "
+           "nextgpt pytorch_model.pt $ANYVERSE_HOME/weights/nextgpt --added-tokens added_tokens.json`.")
 
 
 class CheckpointError(ValueError):

@@ -235,6 +235,9 @@ class TextFcProjector(nn.Module):
         self.model = nn.Linear(d, width)
         self.query_embs = nn.Parameter(torch.randn(1, length, d))
 
+    def standardize(self, signal_states: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
+        """Nothing to set: NExT-GPT's layer reads raw states and predicts raw targets (decoder alignment calls this)."""
+
     def forward(self, signal_states: torch.Tensor) -> dict[str, torch.Tensor]:
         """``signal_states`` [B, n_signal, llm_dim] -> {name: [B, *shape]}."""
         x = self.fc(signal_states)

@@ -256,6 +256,17 @@ def test_a_llama2_base_is_refused_with_the_reason(nextgpt, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
+def test_the_nextgpt_profile_lists_every_missing_piece_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANYVERSE_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["run", "hi", "--profile", "nextgpt", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    for piece in ("encoder:", "convert imagebind", "llm:", "lmsys/vicuna-7b-delta-v0", "llm.adapter:",
+                  "llm.added_tokens:", "convert nextgpt", "stable-diffusion-v1-5", "zeroscope_v2_576w",
+                  "cvssp/audioldm-l-full"):
+        assert piece in result.output
+    assert "Traceback" not in result.output
+
+
 def _fault(tmp: Path, state, name: str, extra: list[str] = ()) -> str:
     path = tmp / name
     if isinstance(state, bytes):

@@ -69,34 +69,50 @@ class Converted:
 
 
 def convert(src: Path, dst: Path, added_tokens: Path | None = None) -> Converted:
-    """Map ``pytorch_model.pt`` to ``dst/{adapter/, projectors.safetensors, added_tokens.json, manifest.json}``."""
+    """Map ``pytorch_model.pt`` to ``dst/{adapter/, projectors.safetensors, added_tokens.json, manifest.json}``.
+    Every check runs before anything is written."""
     state = load_checkpoint(src)
     check_origin(state, src)
     lora, rows = split_llm(state, src)
     tokens, tokens_source = added_token_layout(rows[_EMBED].shape[0], added_tokens, src)
-    projectors = map_projectors(state, src)
+    projectors = map_projectors(state)
+    manifest = describe(src, state, lora, rows, tokens_source)
     dst.mkdir(parents=True, exist_ok=True)
     write_adapter(dst / "adapter", lora, rows)
     save_file(projectors, str(dst / "projectors.safetensors"))
     (dst / "added_tokens.json").write_text(json.dumps(dict(tokens), indent=1))
-    rank = next(iter(lora.values())).shape[0] if lora else 0
-    layers = len({k.split(".layers.")[1].split(".")[0] for k in lora})
-    manifest = {
-        "source": src.name, "sha256": _sha256(src), "vocab_rows": rows[_EMBED].shape[0],
-        "llm_hidden_size": rows[_EMBED].shape[1], "added_tokens": tokens_source,
-        "lora": {"r": rank, "alpha": LORA_ALPHA, "layers": layers, "tensors": len(lora)},
-        "projectors": {k: list(v.shape) for k, v in projectors.items() if k.endswith(("fc.weight", "model.weight",
-                                                                                     "query_embs", "layers.weight"))},
-    }
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    lines = [f"LoRA r={rank} alpha={LORA_ALPHA} on {layers} layers ({len(lora)} tensors) -> adapter/",
-             f"embed_tokens + lm_head {tuple(rows[_EMBED].shape)} -> adapter/ (trained whole)",
-             f"llama_proj {tuple(state['llama_proj.weight'].shape[::-1])} -> input projectors (linear, 1 token): "
-             + ", ".join(m.value for m in INPUT_MODALITIES),
-             *(f"{prefix}* -> output.{m.value}: TextFcLayer -> {_textfc_shape(state, prefix)}"
-               for prefix, m in _OUTPUTS.items()),
-             f"added tokens ({tokens_source}): {len(tokens)} from id {tokens[0][1]}"]
-    return Converted(dst, lines)
+    return Converted(dst, summary(manifest, len(tokens), tokens[0][1]))
+
+
+def describe(src: Path, state: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor],
+             rows: Mapping[str, torch.Tensor], tokens_source: str) -> dict[str, Any]:
+    """The manifest: the source file's hash and what each part of it became."""
+    with src.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {
+        "source": src.name, "sha256": digest, "vocab_rows": rows[_EMBED].shape[0],
+        "llm_hidden_size": rows[_EMBED].shape[1], "added_tokens": tokens_source,
+        "lora": {"r": next(iter(lora.values())).shape[0], "alpha": LORA_ALPHA,
+                 "layers": len({k.split(".layers.")[1].split(".")[0] for k in lora}), "tensors": len(lora)},
+        "input_projector": list(state["llama_proj.weight"].shape[::-1]),
+        "output_projectors": {m.value: [state[f"{prefix}query_embs"].shape[1], state[f"{prefix}model.weight"].shape[0]]
+                              for prefix, m in _OUTPUTS.items()},
+    }
+
+
+def summary(manifest: Mapping[str, Any], count: int, first_id: int) -> list[str]:
+    """What the CLI prints: one line per mapped part."""
+    lora = manifest["lora"]
+    rows = (manifest["vocab_rows"], manifest["llm_hidden_size"])
+    return [f"LoRA r={lora['r']} alpha={lora['alpha']} on {lora['layers']} layers ({lora['tensors']} tensors) -> "
+            "adapter/",
+            f"embed_tokens + lm_head {rows} -> adapter/ (trained whole)",
+            f"llama_proj {tuple(manifest['input_projector'])} -> input projectors (linear, 1 token): "
+            + ", ".join(m.value for m in INPUT_MODALITIES),
+            *(f"TextFcLayer -> output.{name}: {q} x {width}" for name, (q, width) in
+              manifest["output_projectors"].items()),
+            f"added tokens ({manifest['added_tokens']}): {count} from id {first_id}"]
 
 
 def load_checkpoint(src: Path) -> dict[str, torch.Tensor]:
@@ -172,7 +188,7 @@ def split_llm(state: Mapping[str, torch.Tensor], src: Path) -> tuple[dict[str, t
     return lora, rows
 
 
-def map_projectors(state: Mapping[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
+def map_projectors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``llama_proj`` becomes every input modality's linear projector (NExT-GPT shares one); each TextFcLayer keeps its
     parameter names under ``output.<modality>.``."""
     out = {f"input.{m.value}.layers.{p}": state[f"llama_proj.{p}"].clone()
@@ -250,19 +266,6 @@ def _refuse(src: Path, missing: list[str], unknown: list[str]) -> None:
     raise CheckpointError(f"{src}: not NExT-GPT's 7b_tiva_v0 layout; {'; '.join(parts)}")
 
 
-def _textfc_shape(state: Mapping[str, torch.Tensor], prefix: str) -> str:
-    queries, width = state[f"{prefix}query_embs"].shape[1], state[f"{prefix}model.weight"].shape[0]
-    return f"{queries} x {width}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- loading and prompting
 
 
@@ -337,13 +340,13 @@ def render(llm: Any, history: list[Message]) -> Context:
         chat.append({"role": message.role, "content": text})
     rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     placeholder = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.bos_token_id
-    ids: list[int] = []
+    ids: list[int] = [tokenizer.bos_token_id]
     slots: list[tuple[Media, int, int]] = []
     for index, piece in enumerate(rendered.split(_MEDIA)):  # pieces tokenised apart, as NExT-GPT's prompt_wrap does
         if index:
             slots += [(media, len(ids), 1) for media in groups[index - 1]]
             ids.append(placeholder)
         ids += tokenizer(piece, add_special_tokens=False).input_ids
-    return Context(ids=ids, slots=slots, text=rendered.replace(_MEDIA, "<media>"))
+    return Context(ids=ids, slots=slots, text=tokenizer.bos_token + rendered.replace(_MEDIA, "<media>"))
 
 

@@ -179,6 +179,24 @@ def test_converting_maps_every_key_and_says_what_it_mapped(nextgpt):
     assert manifest["vocab_rows"] == nextgpt["reference"].llama_model.config.vocab_size
 
 
+def test_added_tokens_saved_by_older_code_as_set_strings_keep_their_ids(nextgpt, tmp_path):
+    """Code before 2023-11-01 called add_tokens({"<Img>"}); the file may then hold "{'<Img>'}" for the markers."""
+    layout = json.loads((nextgpt["tmp"] / "added_tokens.json").read_text())
+    layout = {(f"{{'{t}'}}" if t in ("<Img>", "</Img>") else t): i for t, i in layout.items()}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(layout))
+    result = CliRunner().invoke(app, ["convert", "nextgpt", str(nextgpt["tmp"] / "pytorch_model.pt"),
+                                      str(tmp_path / "out"), "--added-tokens", str(tmp_path / "added_tokens.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "added_tokens.json").read_text()) == layout
+
+
+def test_the_nextgpt_format_refuses_meta_mode():
+    from anyverse.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"set output\.mode: signal"):
+        load_config("nextgpt", ["output.mode=meta"])
+
+
 def test_the_converted_llm_gives_the_reference_models_logits(nextgpt, session):
     ids = torch.tensor([[1, 40, 41, *range(len(session.model.llm.tokenizer) - 38, len(session.model.llm.tokenizer))]])
     with torch.no_grad():
@@ -223,6 +241,8 @@ def test_the_prompt_is_nextgpts_and_typed_structure_stays_text(session, image):
     context = session.model.render([message])
     assert context.text.startswith("<s>### Human: <Img><media></Img> a [")
     assert context.text.endswith("\n### Assistant:")
+    bos = llm.tokenizer.bos_token_id
+    assert context.ids[0] == bos and bos not in context.ids[1:]
     assert [start for _, start, _ in context.slots] == [context.slots[0][1]] * 2  # two images, one vector
     added_ids = {llm.token_id(t) for t in ADDED}
     assert sum(i in added_ids for i in context.ids) == 2  # the template's own <Img> and </Img>

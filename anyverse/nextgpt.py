@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import pickle
 import re
 from collections.abc import Mapping
@@ -31,11 +30,10 @@ from anyverse.types import Media, Message, Modality
 if TYPE_CHECKING:
     from anyverse.config import LLMConfig
 
-log = logging.getLogger(__name__)
-
 MARKERS = ("<Img>", "</Img>")  # NExT-GPT wraps every input modality's vector in these (code/model: prompt_wrap)
 OLD_MARKERS = ("<Vid>", "</Vid>", "<Aud>", "</Aud>")  # added by code before 2023-09-26: 32042 rows
 STOP = "###"
+_RELEASED_COUNTS = {Modality.IMAGE: 4, Modality.VIDEO: 24, Modality.AUDIO: 8}  # num_gen_{img,video,audio}_tokens
 LORA_ALPHA = 32  # code/config/base.yaml; the checkpoint stores r (the LoRA matrices' rank), not alpha
 _MEDIA = "\x00"  # where a media vector goes in rendered text; removed from user text first
 
@@ -229,8 +227,6 @@ def added_token_layout(rows: int, path: Path | None, src: Path) -> tuple[list[tu
     return tokens, f"read from {path.name}"
 
 
-_RELEASED_COUNTS = {Modality.IMAGE: 4, Modality.VIDEO: 24, Modality.AUDIO: 8}
-
 
 def _plain(token: str) -> str:
     """Code before 2023-11-01 called ``add_tokens({"<Img>"})`` (a set); the token may be saved as ``{'<Img>'}``."""
@@ -279,7 +275,7 @@ class Tokens:
 
 
 def check_base(directory: Path) -> None:
-    """Refuse a LLaMA-2 base: its config loads silently under LLaMA-1 weights' checkpoint and answers nonsense."""
+    """Refuse a LLaMA-2 base: NExT-GPT's LoRA and rows load onto it without an error, and it answers nonsense."""
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:

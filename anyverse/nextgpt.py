@@ -45,7 +45,7 @@ _OUTPUTS = {"gen_text_hidden_fcs.0.": Modality.IMAGE, "gen_text_hidden_fcs_video
 _TEXTFC_REQUIRED = ("fc.weight", "fc.bias", "model.weight", "model.bias", "query_embs")
 _WHERE = "ChocoWu/nextgpt_7b_tiva_v0's pytorch_model.pt"
 VICUNA_V0 = ("Vicuna-7B v0 is LLaMA-7B (v1, in Hugging Face format) plus lmsys/vicuna-7b-delta-v0: merge them with "
-             "`python -m fastchat.model.apply_delta --base-model-path LLAMA_7B --target-model-path DIR --delta-path "
+             "FastChat v0.1.10's `python -m fastchat.model.apply_delta --base LLAMA_7B --target DIR --delta "
              "lmsys/vicuna-7b-delta-v0` and put DIR here (README: Running NExT-GPT's released weights).")
 CONVERT = ("Download pytorch_model.pt and added_tokens.json from ChocoWu/nextgpt_7b_tiva_v0 and run `anyverse convert "
            "nextgpt pytorch_model.pt $ANYVERSE_HOME/weights/nextgpt --added-tokens added_tokens.json`.")
@@ -199,14 +199,18 @@ def map_projectors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def added_token_layout(rows: int, path: Path | None, src: Path) -> tuple[list[tuple[str, int]], str]:
-    """The added tokens and their ids: from the checkpoint's ``added_tokens.json`` when given, else NExT-GPT's code
-    order (``<Img>``, ``</Img>``, ``[IMG0..3]``, ``[VID0..23]``, ``[AUD0..7]``) ending at the last embedding row."""
+    """The added tokens and their ids: from the checkpoint's ``added_tokens.json`` when given, else as the code of
+    the release (October 2023) added them, ending at the last embedding row: ``add_tokens({"<Img>"})`` (a set,
+    which transformers 4.29 turned into the token ``{'<Img>'}``, so prompts hold ``<Img>`` as plain text), then
+    ``[IMG0..3]``, ``[VID0..23]``, ``[AUD0..7]``."""
     default = [*MARKERS, *SignalVocabulary(_RELEASED_COUNTS).all_signal_tokens]
     if path is None:
         if rows == 32000 + len(default) + len(OLD_MARKERS):
             _older_vocabulary(src, rows)
         base = rows - len(default)
-        return [(t, base + i) for i, t in enumerate(default)], "assumed from NExT-GPT's code (no --added-tokens)"
+        released = [f"{{'{t}'}}" if t in MARKERS else t for t in default]
+        return ([(t, base + i) for i, t in enumerate(released)],
+                "assumed from the release's code, as {'<Img>'}; pass --added-tokens to read them")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -227,9 +231,8 @@ def added_token_layout(rows: int, path: Path | None, src: Path) -> tuple[list[tu
     return tokens, f"read from {path.name}"
 
 
-
 def _plain(token: str) -> str:
-    """Code before 2023-11-01 called ``add_tokens({"<Img>"})`` (a set); the token may be saved as ``{'<Img>'}``."""
+    """``{'<Img>'}`` (what code before 2023-11-01 added) names the ``<Img>`` marker too."""
     match = re.fullmatch(r"\{'(.*)'\}", token)
     return match.group(1) if match else token
 

@@ -179,8 +179,11 @@ def test_converting_maps_every_key_and_says_what_it_mapped(nextgpt):
     assert manifest["vocab_rows"] == nextgpt["reference"].llama_model.config.vocab_size
 
 
-def test_added_tokens_saved_by_older_code_as_set_strings_keep_their_ids(nextgpt, tmp_path):
-    """Code before 2023-11-01 called add_tokens({"<Img>"}); the file may then hold "{'<Img>'}" for the markers."""
+def test_markers_added_as_set_strings_by_the_releases_code_stay_plain_text_in_prompts(nextgpt, image, tmp_path):
+    """The code of the release called add_tokens({"<Img>"}): transformers 4.29 added the token "{'<Img>'}", so the
+    model read the prompt's <Img> as plain text. The ids stay the file's; the prompt never uses those rows."""
+    from anyverse.session import Anyverse
+
     layout = json.loads((nextgpt["tmp"] / "added_tokens.json").read_text())
     layout = {(f"{{'{t}'}}" if t in ("<Img>", "</Img>") else t): i for t, i in layout.items()}
     (tmp_path / "added_tokens.json").write_text(json.dumps(layout))
@@ -188,6 +191,13 @@ def test_added_tokens_saved_by_older_code_as_set_strings_keep_their_ids(nextgpt,
                                       str(tmp_path / "out"), "--added-tokens", str(tmp_path / "added_tokens.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "added_tokens.json").read_text()) == layout
+    session = Anyverse.from_profile(str(profile_file(tmp_path, nextgpt["base"], tmp_path / "out")),
+                                    output_dir=tmp_path / "media")
+    llm = session.model.llm
+    context = session.model.render([session.prepare("what is it", [image])])
+    assert [llm.token_id(t) for t in layout] == list(layout.values())
+    assert not {layout["{'<Img>'}"], layout["{'</Img>'}"]} & set(context.ids)
+    assert context.ids[: context.slots[0][1]] == [1, *llm.tokenizer("### Human: <Img>").input_ids]
 
 
 def test_the_nextgpt_format_refuses_meta_mode():

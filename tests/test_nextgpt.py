@@ -214,6 +214,8 @@ def test_the_converted_llm_gives_the_reference_models_logits(nextgpt, session):
         got = session.model.llm.model(input_ids=ids).logits
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected)
+    embedding = nextgpt["reference"].llama_model.get_input_embeddings()
+    torch.testing.assert_close(session.model.llm.input_embeddings(ids), embedding(ids))  # what prompts are built from
 
 
 def test_the_converted_projectors_equal_nextgpts_modules_loaded_with_the_original_state_dict(nextgpt, session):

@@ -297,6 +297,22 @@ def convert_imagebind(
     typer.echo(str(convert_checkpoint(src, dst)))
 
 
+@convert_app.command("nextgpt")
+@fail_cleanly
+def convert_nextgpt(
+    src: Annotated[Path, typer.Argument(help="NExT-GPT's delta checkpoint: pytorch_model.pt (7b_tiva_v0)")],
+    dst: Annotated[Path, typer.Argument(help="output directory (adapter/, projectors.safetensors, manifests)")],
+    added_tokens: Annotated[Path | None, typer.Option(help="the checkpoint's added_tokens.json (token ids)")] = None,
+) -> None:
+    """Convert NExT-GPT's released checkpoint (loaded with weights_only=True) for the nextgpt profile."""
+    from anyverse.nextgpt import convert
+
+    result = convert(src, dst, added_tokens)
+    for line in result.lines:
+        typer.echo(line)
+    typer.echo(str(result.directory))
+
+
 def main() -> None:
     # Quiet by default: the CLI owns the terminal (progress bars and library chatter go unless asked for).
     for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",

@@ -92,7 +92,7 @@ class Generator(Protocol):
         """Raise MissingWeightsError when real weights are absent, without loading them."""
         ...
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         """Tensors accepted instead of a text prompt, name -> (sequence length, width), from saved configs."""
         ...
 
@@ -145,7 +145,7 @@ def check_source(generator: Generator, source: GeneratedMedia | None) -> None:
 
 
 def check_conditioning(
-    conditioning: Mapping[str, Any], spec: Mapping[str, tuple[int, int]], plugin: str
+    conditioning: Mapping[str, Any], spec: Mapping[str, tuple[int, ...]], plugin: str
 ) -> dict[str, torch.Tensor]:
     """Conditioning must hold exactly the spec's names, each a tensor of shape (1, length, width)."""
     expected = {name: (1, *shape) for name, shape in spec.items()}
@@ -183,7 +183,7 @@ class BaseGenerator:
 
     def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
         self.config, self.device, self.dtype = config, device, dtype
-        self.defaults = validate_options(self.Options, config.options, self.name)
+        self.defaults: Any = validate_options(self.Options, config.options, self.name)  # an instance of Options
 
     @property
     def loaded(self) -> bool:
@@ -201,7 +201,7 @@ class BaseGenerator:
     def memory_bytes(self) -> int:
         return 0
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         return {}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -216,7 +216,7 @@ class GeneratorPool:
         """Raise one MissingWeightsError listing every usable generator whose real weights are absent."""
         collect_missing([s.generator.check_weights for s in self._slots.values() if s.generator is not None])
 
-    def conditioning_specs(self) -> dict[Modality, dict[str, tuple[int, int]]]:
+    def conditioning_specs(self) -> dict[Modality, dict[str, tuple[int, ...]]]:
         """Per output modality, what its default generator accepts instead of a prompt (signal mode feeds it)."""
         specs = {}
         for modality in OUTPUT_MODALITIES:

@@ -40,6 +40,7 @@ from anyverse.media import (
 from anyverse.model import AnyverseModel, Context
 from anyverse.plugins import GeneratedMedia, GenerationCancelled, Progress, validate_options
 from anyverse.pool import GeneratorPool
+from anyverse.quiet import quiet_libraries
 from anyverse.signals import REQUEST_OPEN, StreamParser
 from anyverse.types import (
     OUTPUT_MODALITIES,
@@ -100,8 +101,9 @@ class Anyverse:
                 raise
             raise MissingWeightsError(["toyworld: not built on this machine yet; `anyverse train toyworld` "
                                        "makes every piece below (CPU only, no downloads)", *err.missing]) from None
-        specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
-        return AnyverseModel.from_config(config, self.device, self.dtype, specs, self._check_base)
+        with quiet_libraries():
+            specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
+            return AnyverseModel.from_config(config, self.device, self.dtype, specs, self._check_base)
 
     @classmethod
     def from_profile(cls, name: str = "tiny", overrides: list[str] | None = None, **kwargs) -> Anyverse:
@@ -422,7 +424,8 @@ class Anyverse:
         validate_options(generator.Options, request.options.model_dump(exclude_none=True), name)
         request.generator = name
         decoded = self._source(request, source, generator.accepts_source)
-        return self.generators.get(name).generate([request], [decoded], progress, cancel)[0]
+        with quiet_libraries():
+            return self.generators.get(name).generate([request], [decoded], progress, cancel)[0]
 
     def _source(self, request: MediaRequest, media: Media | None, accepted: frozenset[Modality],
                 ) -> GeneratedMedia | None:

@@ -26,7 +26,7 @@ def list_generators(
     from anyverse.catalog import list_plugins
     from anyverse.config import load_config
 
-    rows = list_plugins(load_config(profile, overrides), check=check)
+    rows = list_plugins(load_config(profile or "tiny", overrides), check=check)
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -51,7 +51,7 @@ def info(
     from anyverse.catalog import plugin_info
     from anyverse.config import load_config
 
-    typer.echo(json.dumps(plugin_info(name, load_config(profile, overrides)), indent=2))
+    typer.echo(json.dumps(plugin_info(name, load_config(profile or "tiny", overrides)), indent=2))
 
 
 @generators_app.command("new")

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-Profile = Annotated[str, typer.Option("--profile", "-p", help="profile name (tiny, default) or a YAML config file")]
+Profile = Annotated[str | None, typer.Option(
+    "--profile", "-p", help="profile name (tiny, toyworld, default) or a YAML config file [default: tiny]")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
 Generator = Annotated[str | None, typer.Option(

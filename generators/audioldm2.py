@@ -46,7 +46,7 @@ class AudioLDM2Generator(DiffusersGenerator):
     def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
         build_tiny(directory, spec)
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         """T5 states padded to the T5 tokenizer's length, and the GPT-2 states (one per generated step)."""
         return {
             "prompt_embeds": (self.config_int(*T5_LENGTH), self.config_int(("text_encoder_2/config.json", "d_model"))),

@@ -44,7 +44,7 @@ class StableDiffusionGenerator(DiffusersGenerator):
     def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
         build_tiny(directory, spec)
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         return clip_conditioning_spec(self)
 
     def unload(self) -> None:
@@ -114,7 +114,7 @@ def vae_pixels(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return resized(images, *size) * 2.0 - 1.0
 
 
-def clip_conditioning_spec(generator: DiffusersGenerator) -> dict[str, tuple[int, int]]:
+def clip_conditioning_spec(generator: DiffusersGenerator) -> dict[str, tuple[int, ...]]:
     """CLIP text-encoder hidden states, padded to the tokenizer's length, as the pipeline's encode_prompt makes them."""
     length = generator.config_int(
         ("tokenizer/tokenizer_config.json", "model_max_length"), ("text_encoder/config.json", "max_position_embeddings")

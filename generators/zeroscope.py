@@ -39,7 +39,7 @@ class ZeroscopeGenerator(DiffusersGenerator):
     def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
         build_tiny(directory, spec)
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         return sd.clip_conditioning_spec(self)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

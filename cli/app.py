@@ -89,6 +89,7 @@ def _conversation(profile: str | None, overrides: list[str], out: Path | None, c
         overrides = overrides or logged.overrides
     profile = profile or "tiny"
     session = _session(profile, overrides, out or anyverse_home() / "media", checkpoint)
+    _ = session.model  # a conversation needs the model: missing or mismatched weights fail here, before any turn
     notices: list[str] = []
     if logged is not None and log is not None:
         check_compatible(logged, session.model.base_fingerprint())

@@ -42,7 +42,7 @@ def test_trained_adapter_round_trips_through_the_config(tmp_path: Path) -> None:
 
 def test_missing_adapter_is_named(tmp_path: Path) -> None:
     with pytest.raises(MissingWeightsError, match=r"llm\.adapter"):
-        Anyverse.from_profile("tiny", [f"llm.adapter={tmp_path / 'nope'}"], output_dir=tmp_path)
+        _ = Anyverse.from_profile("tiny", [f"llm.adapter={tmp_path / 'nope'}"], output_dir=tmp_path).model
 
 
 def test_dtype_defaults_per_device() -> None:

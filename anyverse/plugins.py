@@ -272,9 +272,12 @@ def declaration_problem(cls: Any, name: str) -> str | None:
     if not (isinstance(options, type) and issubclass(options, GenerationOptions)):
         return "Options must subclass anyverse.plugins.Options (a pydantic model)"
     try:
-        options()
+        options.model_validate(options().model_dump())  # defaults must pass their own constraints
         options.model_json_schema()
-    except Exception as err:  # a default that fails its own constraint, a field type pydantic cannot describe
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        return f"invalid Options model: its defaults fail validation ({problems})"
+    except Exception as err:  # a field type pydantic cannot describe, a default that cannot be built
         return f"invalid Options model: {type(err).__name__}: {str(err).splitlines()[0]}"
     return None
 

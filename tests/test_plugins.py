@@ -236,6 +236,10 @@ class InvalidOptions(BaseGenerator):
     modality: ClassVar[Modality] = Modality.IMAGE
     Options = int
 
+class BadDefault(InvalidOptions):
+    name: ClassVar[str] = "bad-default"
+    Options = BadOptions
+
 class LoadFails(BaseGenerator):
     name: ClassVar[str] = "load-fails"
     modality: ClassVar[Modality] = Modality.IMAGE
@@ -261,6 +265,7 @@ def broken_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
         [anyverse.generators]
         import-error = anyverse_broken_missing:Generator
         invalid-options = anyverse_broken:InvalidOptions
+        bad-default = anyverse_broken:BadDefault
         load-fails = anyverse_broken:LoadFails
     """))
     monkeypatch.syspath_prepend(str(site))
@@ -274,6 +279,7 @@ def test_broken_plugins_are_listed_with_why_and_the_others_keep_working(broken_s
     rows = {row["name"]: row for row in json.loads(done.stdout)}
     assert "No module named 'anyverse_broken_missing'" in rows["import-error"]["broken"]
     assert "Options must subclass" in rows["invalid-options"]["broken"]
+    assert "invalid Options model" in rows["bad-default"]["broken"] and "level" in rows["bad-default"]["broken"]
     assert rows["load-fails"]["broken"] is None and rows["vits"]["broken"] is None
     quick, _ = anyverse_cli("generators", "list", "--json", env={"PYTHONPATH": str(broken_site)})
     assert "cannot find module" in {r["name"]: r for r in json.loads(quick.stdout)}["import-error"]["broken"]

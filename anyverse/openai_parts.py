@@ -16,7 +16,6 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from anyverse.config import Caps
 from anyverse.media import MediaError, load_media, media_from_bytes
+from anyverse.session import clean_text, next_id
 from anyverse.types import OUTPUT_MODALITIES, Media, Message, Modality
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "parse_modalities",
 ]
 
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _ID_PATTERN = re.compile(r"\b(" + "|".join(m.label for m in Modality) + r")_(\d+)\b")
 # URL content part type -> the modality it must hold.
 _URL_PARTS: dict[str, Modality] = {"image_url": Modality.IMAGE, "video_url": Modality.VIDEO,
@@ -95,11 +94,6 @@ class Encoded:
 # ------------------------------------------------------------------------------------------------- inbound
 
 
-def clean_text(text: str) -> str:
-    """Lone surrogates (valid JSON, invalid text) become U+FFFD, so nothing later fails to encode."""
-    return _SURROGATES.sub("\ufffd", text)
-
-
 def parse_modalities(modalities: Any) -> frozenset[Modality]:
     """``["text", "image"]`` -> the modalities the reply must make (text is always made)."""
     if modalities is None:
@@ -124,14 +118,12 @@ def parse_chat(messages: Any, sources: MediaSources, modalities: Any = None) -> 
 
 
 def derive_ids(messages: list[Message]) -> list[Message]:
-    """Media ids as a chat session gives them: ``img_1``, ``aud_2`` ... counted per modality in order."""
-    counts: Counter[str] = Counter()
-    out = []
+    """Media ids as a chat session gives them (``img_1``, ``aud_2`` ...), so "make img_2 darker" means the same."""
+    out: list[Message] = []
     for message in messages:
-        media = []
+        media: list[Media] = []
         for item in message.media:
-            counts[item.modality.label] += 1
-            media.append(item.with_id(f"{item.modality.label}_{counts[item.modality.label]}"))
+            media.append(item.with_id(next_id(item.modality, out, media)))
         out.append(message.model_copy(update={"media": media}))
     return out
 

@@ -1,0 +1,40 @@
+"""``anyverse serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn, the optional extra ``anyverse[serve]``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from anyverse.serve.app import ServeSettings, create_app
+
+__all__ = ["ServeSettings", "create_app", "run", "settings"]
+
+
+def settings(profile: str, overrides: list[str], checkpoint: Path | None, out: Path,
+             **options: object) -> ServeSettings:
+    """Resolve the model config now (a bad profile fails at start); the model itself loads on the first chat."""
+    from anyverse.checkpoint import checkpoint_config
+    from anyverse.config import load_config
+    from anyverse.session import Anyverse
+
+    config, check = checkpoint_config(checkpoint, overrides) if checkpoint else (load_config(profile, overrides), None)
+    out = Path(out)
+    return ServeSettings(config=config, media_dir=out, make_session=lambda: Anyverse(config, out, check), **options)  # type: ignore[arg-type]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(server: ServeSettings, host: str, port: int) -> None:
+    """Serve until interrupted. A non-loopback host needs an API key."""
+    import uvicorn
+
+    if not is_loopback(host) and not server.api_key:
+        raise ValueError(f"--host {host} is reachable from other machines: set --api-key or ANYVERSE_API_KEY")
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -193,6 +193,20 @@ def test_streaming_sends_text_then_each_media_item_then_usage(client: openai.Ope
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
 
 
+def test_stop_sequences_cut_the_reply_streamed_or_not(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "say something long"}]
+    full = client.chat.completions.create(model="anyverse", messages=messages, seed=11)  # type: ignore[arg-type]
+    text = full.choices[0].message.content or ""
+    assert len(text) > 12, text
+    stop = text[8:11]
+    cut = text[: text.find(stop)].strip()
+    short = client.chat.completions.create(model="anyverse", messages=messages, seed=11, stop=[stop, "\x00zz"])  # type: ignore[arg-type]
+    assert short.choices[0].message.content == cut
+    streamed = client.chat.completions.create(model="anyverse", messages=messages, seed=11, stop=stop,  # type: ignore[arg-type]
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == cut
+
+
 def test_bad_input_gets_openai_errors_never_a_500(server: str, client: openai.OpenAI) -> None:
     bad_b64 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]
     with pytest.raises(openai.BadRequestError) as caught:
@@ -253,14 +267,14 @@ def test_eight_clients_on_a_queue_of_four_get_answers_or_429(client: openai.Open
 
 
 def test_media_urls_and_audio_ids_expire(tmp_path: Path) -> None:
-    store = MediaStore(tmp_path, ttl=0.5)
+    store = MediaStore(tmp_path, ttl=0.2)
     (tmp_path / "abc.wav").write_bytes(b"RIFF")
     media = Media(modality=Modality.AUDIO, path=tmp_path / "abc.wav", sha256="ab" * 32, format="wav",
                   original_name="abc.wav", id="aud_1")
     encoded = store.encoder("http://127.0.0.1:1/", frozenset())(media)
     assert store.resolve(encoded.url) == store.resolve(encoded.handle) == (tmp_path / "abc.wav").resolve()
     assert store.resolve("http://elsewhere.example/x.png") is None
-    time.sleep(1.1)
+    time.sleep(max(0.0, (encoded.expires_at or 0) - time.time()) + 0.1)  # whole seconds, as OpenAI gives them
     for ref in (encoded.url, encoded.handle):
         with pytest.raises(RequestError, match="expired"):
             store.resolve(ref)

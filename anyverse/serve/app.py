@@ -109,6 +109,8 @@ def _failure(err: BaseException) -> JSONResponse:
     """A job's or handler's exception as the response a client gets; anything unexpected is a logged 500."""
     if isinstance(err, RequestError):
         return error_response(err.status, err.message, err.param)
+    if isinstance(err, ConnectionAbortedError):  # the client left; nobody reads this
+        return error_response(499, "client closed the request")
     if isinstance(err, QueueFull):
         return error_response(429, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)})
     if isinstance(err, ValidationError):

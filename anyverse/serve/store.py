@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import mimetypes
 import secrets
 import threading
@@ -35,7 +36,7 @@ class MediaStore:
 
     def url(self, media: Media, base_url: str) -> tuple[str, int]:
         """Signed URL of a stored file and when it expires (unix seconds)."""
-        expires = int(time.time() + self.ttl)
+        expires = math.ceil(time.time() + self.ttl)
         name = media.path.name
         return f"{base_url.rstrip('/')}{_ROUTE}{name}?exp={expires}&sig={self._sign(name, expires)}", expires
 
@@ -50,6 +51,9 @@ class MediaStore:
                 url = f"data:{mime};base64,{base64.b64encode(media.path.read_bytes()).decode()}"
             handle = f"{media.id or 'media'}_{media.sha256[:16]}"
             with self._lock:
+                if len(self._handles) > 10_000:  # drop expired ids now and then
+                    now = time.time()
+                    self._handles = {k: v for k, v in self._handles.items() if v[1] >= now}
                 self._handles[handle] = (media.path.name, expires)
             return Encoded(url=url, handle=handle, expires_at=expires)
 
@@ -59,12 +63,12 @@ class MediaStore:
         """The file behind ``/v1/media/{name}`` (``sig`` None: the caller checked the API key instead)."""
         path = self.directory / name
         if "/" in name or name.startswith(".") or not path.is_file():
-            raise RequestError(404, f"no media named {name!r}", "media")
+            raise RequestError(404, f"no media named {name!r}")
         if sig is not None:
             if not (exp or "").isdigit() or not hmac.compare_digest(sig, self._sign(name, int(exp or 0))):
-                raise RequestError(401, "invalid media signature", "sig")
+                raise RequestError(401, f"invalid signature for media {name!r}")
             if int(exp or 0) < time.time():
-                raise RequestError(404, f"media URL for {name} expired; ask again for a new one", "media")
+                raise RequestError(404, f"the URL of media {name!r} expired; ask again for a new one")
         return path
 
     def resolve(self, ref: str) -> Path | None:

@@ -64,16 +64,12 @@ def main() -> None:
 
     import openai
     import torch
+    from turn_overhead import scaled_llm  # this script's folder is on sys.path
 
     from anyverse.session import Anyverse
 
     torch.set_num_threads(1)
-    overrides: list[str] = []
-    if args.llm_width:
-        overrides += [f"llm.tiny.arch.hidden_size={args.llm_width}",
-                      f"llm.tiny.arch.intermediate_size={4 * args.llm_width}"]
-    if args.llm_layers:
-        overrides.append(f"llm.tiny.arch.num_hidden_layers={args.llm_layers}")
+    overrides = scaled_llm(args.llm_width, args.llm_layers)
     session = Anyverse.from_profile("tiny", overrides, output_dir=tempfile.mkdtemp(prefix="anyverse-bench-"))
     process, base = start_server(overrides, max_queue=max(8, args.clients))
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=600)

@@ -205,8 +205,9 @@ def serve(
     mode: Mode = None,
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions (media in and out), /v1/images/*, /v1/models, /health."""
-    from anyverse.serve import run, settings
+    from anyverse.serve import check_host, run, settings
 
+    check_host(host, api_key)
     server = settings(profile, _overrides(overrides, device, dtype, mode), checkpoint, out,
                       served_model_name=served_model_name, api_key=api_key, max_queue=max_queue,
                       max_body_mb=max_body_mb, media_ttl=media_ttl, allow_remote_media=allow_remote_media)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_chat_takes_image_audio_video_and_returns_all_three(server: str, client:
         {"type": "video_url", "video_url": {"url": _data_url(sample_media["mp4"], "video/mp4")}},
     ]
     reply = client.chat.completions.create(model="anyverse", messages=[{"role": "user", "content": content}],
-                                           modalities=["text", "image", "audio", "video"], seed=1)  # type: ignore[list-item]
+                                           modalities=["text", "image", "audio", "video"], seed=1)
     message = reply.choices[0].message
     extra = message.model_extra or {}
     assert isinstance(message.content, str)
@@ -156,23 +157,26 @@ def test_chat_takes_image_audio_video_and_returns_all_three(server: str, client:
     status, body = _get(video["video_url"]["url"])  # a browser's <video src>: signed, no header
     assert status == 200 and body[4:8] == b"ftyp"
     assert _get(video["video_url"]["url"].replace("sig=", "sig=0"))[0] == 401
+    key = {"Authorization": f"Bearer {KEY}"}  # with the key, media by name; never the turn log beside them
+    assert _get(f"{server}/v1/media/{video['video_url']['url'].split('/')[-1].split('?')[0]}", key)[0] == 200
+    assert _get(f"{server}/v1/media/turns.jsonl", key)[0] == 404
     assert reply.usage is not None and reply.usage.prompt_tokens > 0
 
 
 def test_a_follow_up_edits_the_returned_image_by_its_id(client: openai.OpenAI) -> None:
     first = client.chat.completions.create(model="anyverse", messages=[{"role": "user", "content": "draw a cat"}],
-                                           modalities=["text", "image", "audio"], seed=2)  # type: ignore[list-item]
+                                           modalities=["text", "image", "audio"], seed=2)
     returned = first.choices[0].message
     extra = returned.model_extra or {}
     assistant = {"role": "assistant", "content": returned.content, "images": extra["images"],
                  "audio": {"id": returned.audio.id if returned.audio else ""}}
     follow_up = [{"role": "user", "content": "draw a cat"}, assistant,
                  {"role": "user", "content": "make img_1 darker and aud_1 louder"}]
-    second = client.chat.completions.create(model="anyverse", messages=follow_up,  # type: ignore[arg-type]
-                                            modalities=["text", "image"], seed=3)  # type: ignore[list-item]
+    second = client.chat.completions.create(model="anyverse", messages=follow_up,
+                                            modalities=["text", "image"], seed=3)
     assert [e["anyverse_id"] for e in (second.choices[0].message.model_extra or {})["images"]] == ["img_2"]
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="anyverse", messages=[  # type: ignore[arg-type]
+        client.chat.completions.create(model="anyverse", messages=[
             {"role": "user", "content": "draw"}, {**assistant, "audio": {"id": "aud_9_0000"}},
             {"role": "user", "content": "again"}])
     assert "aud_9_0000" in caught.value.message
@@ -180,10 +184,10 @@ def test_a_follow_up_edits_the_returned_image_by_its_id(client: openai.OpenAI) -
 
 def test_streaming_sends_text_then_each_media_item_then_usage(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "paint something"}]
-    whole = client.chat.completions.create(model="anyverse", messages=messages,  # type: ignore[arg-type]
-                                           modalities=["text", "image"], seed=5)  # type: ignore[list-item]
+    whole = client.chat.completions.create(model="anyverse", messages=messages,
+                                           modalities=["text", "image"], seed=5)
     chunks = list(client.chat.completions.create(
-        model="anyverse", messages=messages, modalities=["text", "image"], seed=5, stream=True,  # type: ignore[arg-type, list-item]
+        model="anyverse", messages=messages, modalities=["text", "image"], seed=5, stream=True,
         stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == whole.choices[0].message.content
@@ -195,14 +199,14 @@ def test_streaming_sends_text_then_each_media_item_then_usage(client: openai.Ope
 
 def test_stop_sequences_cut_the_reply_streamed_or_not(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "say something long"}]
-    full = client.chat.completions.create(model="anyverse", messages=messages, seed=11)  # type: ignore[arg-type]
+    full = client.chat.completions.create(model="anyverse", messages=messages, seed=11)
     text = full.choices[0].message.content or ""
     assert len(text) > 12, text
     stop = text[8:11]
     cut = text[: text.find(stop)].strip()
-    short = client.chat.completions.create(model="anyverse", messages=messages, seed=11, stop=[stop, "\x00zz"])  # type: ignore[arg-type]
+    short = client.chat.completions.create(model="anyverse", messages=messages, seed=11, stop=[stop, "\x00zz"])
     assert short.choices[0].message.content == cut
-    streamed = client.chat.completions.create(model="anyverse", messages=messages, seed=11, stop=stop,  # type: ignore[arg-type]
+    streamed = client.chat.completions.create(model="anyverse", messages=messages, seed=11, stop=stop,
                                               stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == cut
 
@@ -210,12 +214,12 @@ def test_stop_sequences_cut_the_reply_streamed_or_not(client: openai.OpenAI) -> 
 def test_bad_input_gets_openai_errors_never_a_500(server: str, client: openai.OpenAI) -> None:
     bad_b64 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="anyverse", messages=bad_b64)  # type: ignore[arg-type]
+        client.chat.completions.create(model="anyverse", messages=bad_b64)
     assert "invalid base64" in caught.value.message and "messages[0].content[0]" in caught.value.message
     big = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                                                    + "A" * 1_500_000}}]}]
     with pytest.raises(openai.APIStatusError) as too_big:
-        client.chat.completions.create(model="anyverse", messages=big)  # type: ignore[arg-type]
+        client.chat.completions.create(model="anyverse", messages=big)
     assert too_big.value.status_code == 413 and "--max-body-mb" in too_big.value.message
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="anyverse", messages=[{"role": "user", "content": "x"}],
@@ -232,7 +236,7 @@ def test_bad_input_gets_openai_errors_never_a_500(server: str, client: openai.Op
 def test_a_client_that_disconnects_mid_stream_stops_its_turn(server: str, client: openai.OpenAI) -> None:
     before = _health(server)["cancelled"]
     stream = client.chat.completions.create(model="anyverse", messages=[{"role": "user", "content": "go"}],
-                                            modalities=["text", "image", "audio", "video"], seed=7,  # type: ignore[list-item]
+                                            modalities=["text", "image", "audio", "video"], seed=7,
                                             stream=True)
     next(iter(stream))
     stream.close()
@@ -249,7 +253,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_turn(server: str, client
 def test_eight_clients_on_a_queue_of_four_get_answers_or_429(client: openai.OpenAI) -> None:
     def ask(seed: int) -> tuple[int, str | None]:
         try:
-            reply = client.chat.completions.create(model="anyverse", seed=seed, modalities=["text", "image"],  # type: ignore[list-item]
+            reply = client.chat.completions.create(model="anyverse", seed=seed, modalities=["text", "image"],
                                                    messages=[{"role": "user", "content": f"picture {seed}"}])
         except openai.RateLimitError as err:
             return 429, err.response.headers.get("retry-after")
@@ -266,13 +270,21 @@ def test_eight_clients_on_a_queue_of_four_get_answers_or_429(client: openai.Open
     assert all(int(after or 0) >= 1 for s, after in results if s == 429)
 
 
+def test_a_host_beyond_loopback_without_a_key_is_refused() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ANYVERSE_API_KEY"}
+    done = subprocess.run([str(Path(sys.executable).parent / "anyverse"), "serve", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--api-key" in done.stderr, done.stderr
+
+
 def test_media_urls_and_audio_ids_expire(tmp_path: Path) -> None:
     store = MediaStore(tmp_path, ttl=0.2)
-    (tmp_path / "abc.wav").write_bytes(b"RIFF")
-    media = Media(modality=Modality.AUDIO, path=tmp_path / "abc.wav", sha256="ab" * 32, format="wav",
-                  original_name="abc.wav", id="aud_1")
+    path = tmp_path / f"{'ab' * 8}.wav"
+    path.write_bytes(b"RIFF")
+    media = Media(modality=Modality.AUDIO, path=path, sha256="ab" * 32, format="wav", original_name="x.wav",
+                  id="aud_1")
     encoded = store.encoder("http://127.0.0.1:1/", frozenset())(media)
-    assert store.resolve(encoded.url) == store.resolve(encoded.handle) == (tmp_path / "abc.wav").resolve()
+    assert store.resolve(encoded.url) == store.resolve(encoded.handle) == path.resolve()
     assert store.resolve("http://elsewhere.example/x.png") is None
     time.sleep(max(0.0, (encoded.expires_at or 0) - time.time()) + 0.1)  # whole seconds, as OpenAI gives them
     for ref in (encoded.url, encoded.handle):

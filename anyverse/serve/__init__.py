@@ -7,7 +7,7 @@ from pathlib import Path
 
 from anyverse.serve.app import ServeSettings, create_app
 
-__all__ = ["ServeSettings", "create_app", "run", "settings"]
+__all__ = ["ServeSettings", "check_host", "create_app", "run", "settings"]
 
 
 def settings(profile: str, overrides: list[str], checkpoint: Path | None, out: Path,
@@ -31,10 +31,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_host(host: str, api_key: str | None) -> None:
+    """A host other than loopback is reachable from other machines: it needs an API key."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"--host {host} is reachable from other machines: set --api-key or ANYVERSE_API_KEY")
+
+
 def run(server: ServeSettings, host: str, port: int) -> None:
-    """Serve until interrupted. A non-loopback host needs an API key."""
+    """Serve until interrupted."""
     import uvicorn
 
-    if not is_loopback(host) and not server.api_key:
-        raise ValueError(f"--host {host} is reachable from other machines: set --api-key or ANYVERSE_API_KEY")
+    check_host(host, server.api_key)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.5  # how often a waiting request checks that its client is still there
 _KEEPALIVE_S = 10.0  # SSE comment after this long without output
+_REMOTE_TIMEOUT_S = 30.0  # --allow-remote-media: a URL must arrive whole within this
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                 500: "server_error", 503: "server_error"}
@@ -85,7 +86,7 @@ class ChatRequest(_Request):
 
 
 class ImageRequest(_Request):
-    prompt: str = Field(min_length=1, max_length=32_000)
+    prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(default=1, ge=1, le=4)
     size: str | None = None
@@ -170,11 +171,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
     pool = GeneratorPool(config.generators, device, resolve_dtype(config.runtime.dtype, device),
                          config.runtime.generator_memory_gb)
     runner = Runner(settings.make_session, pool, settings.max_queue)
-    fetch = http_fetcher(config.caps.max_file_bytes, 30.0) if settings.allow_remote_media else None
+    body_limit = int(settings.max_body_mb * 1024**2)
+    remote_limit = min(config.caps.max_file_bytes, body_limit)  # no larger than an upload could be
+    fetch = http_fetcher(remote_limit, _REMOTE_TIMEOUT_S) if settings.allow_remote_media else None
     sources = MediaSources(caps=config.caps, directory=store.directory, fetch=fetch, resolve=store.resolve)
     name = settings.served_model_name
     app = FastAPI(title="anyverse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan(runner))
-    app.add_middleware(BodyCap, limit=int(settings.max_body_mb * 1024**2))
+    app.add_middleware(BodyCap, limit=body_limit)
 
     @app.exception_handler(ValueError)
     @app.exception_handler(QueueFull)
@@ -257,6 +260,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return await _images(image_request, source, request)
 
     async def _images(image_request: ImageRequest, source: GeneratedMedia | None, request: Request) -> Response:
+        if len(image_request.prompt) > config.caps.max_text_chars:
+            raise RequestError(413, f"{len(image_request.prompt)} characters exceed the {config.caps.max_text_chars} "
+                                    "cap (caps.max_text_chars)", "prompt")
         job = runner.submit(partial(_image_work, pool, image_request, source, store.directory))
         finished = await _Reply(job, request, store.encoder(str(request.base_url), frozenset()), None, name).done()
         if finished.error is not None:

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import math
 import mimetypes
+import re
 import secrets
 import threading
 import time
@@ -17,6 +18,7 @@ from anyverse.openai_parts import Encoded, RequestError
 from anyverse.types import Media, Modality
 
 _ROUTE = "/v1/media/"
+_NAME = re.compile(r"[0-9a-f]{16}\.[a-z0-9]{2,4}")  # the content-addressed names anyverse.media writes
 
 
 class MediaStore:
@@ -62,7 +64,7 @@ class MediaStore:
     def file(self, name: str, exp: str | None, sig: str | None) -> Path:
         """The file behind ``/v1/media/{name}`` (``sig`` None: the caller checked the API key instead)."""
         path = self.directory / name
-        if "/" in name or name.startswith(".") or not path.is_file():
+        if not _NAME.fullmatch(name) or not path.is_file():  # media only, never the turn log beside them
             raise RequestError(404, f"no media named {name!r}")
         if sig is not None:
             if not (exp or "").isdigit() or not hmac.compare_digest(sig, self._sign(name, int(exp or 0))):

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anyverse.config import AnyverseConfig
+from anyverse.devices import resolve_device, resolve_dtype
 from anyverse.media import MediaError, decode_image, media_from_bytes
 from anyverse.openai_parts import MediaSources, ParsedChat, RequestError, http_fetcher, media_delta, media_fields
 from anyverse.plugins import GeneratedMedia, GeneratorPool
@@ -163,10 +165,9 @@ class BodyCap:
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
+    """The app over one Runner; routes are closures over this server's store, pool and settings."""
     config = settings.config
     store = MediaStore(settings.media_dir, settings.media_ttl)
-    from anyverse.devices import resolve_device, resolve_dtype
-
     device = resolve_device(config.runtime.device)
     pool = GeneratorPool(config.generators, device, resolve_dtype(config.runtime.dtype, device),
                          config.runtime.generator_memory_gb)
@@ -176,7 +177,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     fetch = http_fetcher(remote_limit, _REMOTE_TIMEOUT_S) if settings.allow_remote_media else None
     sources = MediaSources(caps=config.caps, directory=store.directory, fetch=fetch, resolve=store.resolve)
     name = settings.served_model_name
-    app = FastAPI(title="anyverse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan(runner))
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        runner.close()
+
+    app = FastAPI(title="anyverse", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(BodyCap, limit=body_limit)
 
     @app.exception_handler(ValueError)
@@ -230,7 +236,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         check_model(chat_request.model)
         parsed = await asyncio.to_thread(_parse, chat_request, sources)
         job = runner.submit(partial(_chat_work, runner, parsed, chat_request))
-        reply = _Reply(job, request, store.encoder(str(request.base_url), _INLINE), chat_request, name)
+        reply = _ChatReply(job, request, store.encoder(str(request.base_url), _INLINE), chat_request, name)
         if chat_request.stream:
             first = await reply.first()
             if isinstance(first, Finished) and first.error is not None:
@@ -264,7 +270,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise RequestError(413, f"{len(image_request.prompt)} characters exceed the {config.caps.max_text_chars} "
                                     "cap (caps.max_text_chars)", "prompt")
         job = runner.submit(partial(_image_work, pool, image_request, source, store.directory))
-        finished = await _Reply(job, request, store.encoder(str(request.base_url), frozenset()), None, name).done()
+        while not isinstance(finished := await _next(job, request), Finished):
+            pass
         if finished.error is not None:
             return _failure(finished.error)
         data = []
@@ -276,17 +283,6 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse({"created": int(time.time()), "data": data})
 
     return app
-
-
-def _lifespan(runner: Runner):  # type: ignore[no-untyped-def]
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        runner.close()
-
-    return lifespan
 
 
 def _model_card(name: str) -> dict[str, Any]:
@@ -400,35 +396,27 @@ class _StopText:
         return out
 
 
-class _Reply:
-    """Turns a job's items into OpenAI chat responses, whole or as SSE chunks; stops the job if the client goes."""
+async def _next(job: Job, request: Request) -> Any:
+    """The job's next item; None on a tick with nothing new. Cancels the job if the client has left."""
+    try:
+        return await asyncio.wait_for(job.items.get(), _TICK_S)
+    except TimeoutError:
+        if await request.is_disconnected():
+            job.cancel()
+        return None
 
-    def __init__(self, job: Job, request: Request, encode: Callable, chat_request: ChatRequest | None, model: str):
+
+class _ChatReply:
+    """Turns a chat job's items into an OpenAI chat completion, whole or as SSE chunks."""
+
+    def __init__(self, job: Job, request: Request, encode: Callable, chat_request: ChatRequest, model: str):
         self.job, self.request, self.encode, self.chat_request = job, request, encode, chat_request
         self.id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created, self.model = int(time.time()), model
-        self.stop_text = _StopText(chat_request.stop if chat_request else None)
-        self.finished = False
-
-    async def next(self) -> Any:
-        """The job's next item; None on a tick with nothing new. Sets the job's stop event if the client left."""
-        try:
-            item = await asyncio.wait_for(self.job.items.get(), _TICK_S)
-        except TimeoutError:
-            if await self.request.is_disconnected():
-                self.job.cancel()
-            return None
-        if isinstance(item, Finished):
-            self.finished = True
-        return item
+        self.stop_text = _StopText(chat_request.stop)
 
     async def first(self) -> Any:
-        while (item := await self.next()) is None:
-            pass
-        return item
-
-    async def done(self) -> Finished:
-        while not isinstance(item := await self.next(), Finished):
+        while (item := await _next(self.job, self.request)) is None:
             pass
         return item
 
@@ -440,7 +428,7 @@ class _Reply:
 
     async def whole(self) -> Response:
         text, made = [], []
-        while not isinstance(item := await self.next(), Finished):
+        while not isinstance(item := await _next(self.job, self.request), Finished):
             if isinstance(item, TextDelta):
                 text.append(self._text(item))
             elif isinstance(item, MediaProduced):
@@ -463,10 +451,10 @@ class _Reply:
             elif item is None and time.monotonic() - quiet_since > _KEEPALIVE_S:
                 yield ": keep-alive\n\n"
             else:
-                item = await self.next()
+                item = await _next(self.job, self.request)
                 continue
             quiet_since = time.monotonic()
-            item = await self.next()
+            item = await _next(self.job, self.request)
         if item.error is not None:
             yield f"data: {bytes(_failure(item.error).body).decode()}\n\n"
             yield "data: [DONE]\n\n"
@@ -474,7 +462,7 @@ class _Reply:
         if tail := self.stop_text.flush():
             yield self._chunk({"content": tail})
         yield self._chunk({}, item.value["finish_reason"])
-        options = self.chat_request.stream_options if self.chat_request else None
+        options = self.chat_request.stream_options
         if options is not None and options.include_usage:
             usage = {**self._envelope("chat.completion.chunk"), "choices": [], "usage": item.value["usage"]}
             yield f"data: {json.dumps(usage)}\n\n"

@@ -163,7 +163,7 @@ def test_chat_takes_image_audio_video_and_returns_all_three(server: str, client:
     assert reply.usage is not None and reply.usage.prompt_tokens > 0
 
 
-def test_a_follow_up_edits_the_returned_image_by_its_id(client: openai.OpenAI) -> None:
+def test_a_follow_up_edits_the_returned_image_by_its_id(server: str, client: openai.OpenAI) -> None:
     first = client.chat.completions.create(model="anyverse", messages=[{"role": "user", "content": "draw a cat"}],
                                            modalities=["text", "image", "audio"], seed=2)
     returned = first.choices[0].message
@@ -175,6 +175,9 @@ def test_a_follow_up_edits_the_returned_image_by_its_id(client: openai.OpenAI) -
     second = client.chat.completions.create(model="anyverse", messages=follow_up,
                                             modalities=["text", "image"], seed=3)
     assert [e["anyverse_id"] for e in (second.choices[0].message.model_extra or {})["images"]] == ["img_2"]
+    misses = _health(server)["embedding_cache"]["misses"]
+    client.chat.completions.create(model="anyverse", messages=follow_up, max_tokens=2)
+    assert _health(server)["embedding_cache"]["misses"] == misses  # re-sent history is not encoded again
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="anyverse", messages=[
             {"role": "user", "content": "draw"}, {**assistant, "audio": {"id": "aud_9_0000"}},

@@ -208,8 +208,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        cache = runner.embedding_cache
         return {"status": "loading" if runner.model_state == "loading" else "ready", "model": runner.model_state,
-                "waiting": runner.waiting, "running": runner.running, "cancelled": runner.cancelled}
+                "waiting": runner.waiting, "running": runner.running, "cancelled": runner.cancelled,
+                "embedding_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyverse.encoders.cache import EmbeddingCache
 from anyverse.plugins import GeneratorPool
 from anyverse.session import Anyverse
 
@@ -93,6 +94,11 @@ class Runner:
             session.generators = self.generators  # one pool: the Images API and chat share loaded generators
             self._session, self.model_state = session, "ready"
         return self._session
+
+    @property
+    def embedding_cache(self) -> EmbeddingCache | None:
+        """The loaded model's embedding cache: re-sent history is encoded once."""
+        return self._session.model.encoder.cache if self._session is not None else None
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -77,6 +77,8 @@ class MediaSources:
 
 @dataclass(frozen=True)
 class ParsedChat:
+    """The conversation as anyverse messages (media validated, ids given) and the outputs the reply must make."""
+
     messages: list[Message]
     require: frozenset[Modality]
 
@@ -100,7 +102,7 @@ def parse_modalities(modalities: Any) -> frozenset[Modality]:
         return frozenset()
     if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
         raise RequestError(422, "must be a list of strings", "modalities")
-    names = {m.value for m in OUTPUT_MODALITIES}
+    names = [m.value for m in OUTPUT_MODALITIES]
     unknown = [m for m in modalities if m != "text" and m not in names]
     if unknown:
         raise RequestError(422, f"unknown modality {clean_text(unknown[0])!r}; choose text, {', '.join(names)}",
@@ -110,11 +112,12 @@ def parse_modalities(modalities: Any) -> frozenset[Modality]:
 
 def parse_chat(messages: Any, sources: MediaSources, modalities: Any = None) -> ParsedChat:
     """Validate every message and media item (all before anything runs), derive ids, check id references."""
+    require = parse_modalities(modalities)
     if not isinstance(messages, list) or not messages:
         raise RequestError(422, "must be a non-empty list of messages", "messages")
     parsed = derive_ids([_message(m, f"messages[{i}]", sources) for i, m in enumerate(messages)])
     _check_references(parsed)
-    return ParsedChat(messages=parsed, require=parse_modalities(modalities))
+    return ParsedChat(messages=parsed, require=require)
 
 
 def derive_ids(messages: list[Message]) -> list[Message]:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -254,15 +255,19 @@ def test_a_client_that_disconnects_mid_stream_stops_its_turn(server: str, client
 
 
 def test_eight_clients_on_a_queue_of_four_get_answers_or_429(client: openai.OpenAI) -> None:
+    together = threading.Barrier(8)
+
     def ask(seed: int) -> tuple[int, str | None]:
+        together.wait()
         try:
-            reply = client.chat.completions.create(model="anyverse", seed=seed, modalities=["text", "image"],
+            reply = client.chat.completions.create(model="anyverse", seed=seed, modalities=["text", "image", "video"],
                                                    messages=[{"role": "user", "content": f"picture {seed}"}])
         except openai.RateLimitError as err:
             return 429, err.response.headers.get("retry-after")
         except openai.APIStatusError as err:
             return err.status_code, err.message
-        assert (reply.choices[0].message.model_extra or {})["images"][0]["anyverse_id"] == "img_1"
+        extra = reply.choices[0].message.model_extra or {}
+        assert [extra["images"][0]["anyverse_id"], extra["videos"][0]["anyverse_id"]] == ["img_1", "vid_1"]
         return 200, None
 
     with ThreadPoolExecutor(8) as pool:

@@ -46,6 +46,7 @@ _URL_PARTS: dict[str, Modality] = {"image_url": Modality.IMAGE, "video_url": Mod
                                    "audio_url": Modality.AUDIO}
 # Response field for each output modality; audio also goes in the single ``audio`` field (OpenAI's own).
 _FIELDS = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
+MAX_MESSAGES = 256  # a conversation longer than this is refused (413): rendering cost grows with it
 _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
     "system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -115,6 +116,8 @@ def parse_chat(messages: Any, sources: MediaSources, modalities: Any = None) -> 
     require = parse_modalities(modalities)
     if not isinstance(messages, list) or not messages:
         raise RequestError(422, "must be a non-empty list of messages", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(413, f"{len(messages)} messages exceed the cap of {MAX_MESSAGES}", "messages")
     parsed = derive_ids([_message(m, f"messages[{i}]", sources) for i, m in enumerate(messages)])
     _check_references(parsed)
     return ParsedChat(messages=parsed, require=require)

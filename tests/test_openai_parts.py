@@ -172,6 +172,7 @@ def test_caps_answer_413_before_decoding(tmp_path: Path) -> None:
 
 def test_structure_errors_name_the_message(sources: MediaSources) -> None:
     refused([], sources, 422, "messages")
+    refused([{"role": "user", "content": "x"}] * 257, sources, 413, "257 messages")
     refused([{"role": "tool", "content": "x"}], sources, 400, "'tool'", "messages[0].role")
     refused(["hello"], sources, 400, "messages[0]")
     refused([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,x"}}]}], sources, 400,

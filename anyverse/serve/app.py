@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.5  # how often a waiting request checks that its client is still there
 _KEEPALIVE_S = 10.0  # SSE comment after this long without output
+_MAX_SEED = 2**62  # seeds of later requests and retries are this plus small offsets; all fit int64 and numpy
 _REMOTE_TIMEOUT_S = 30.0  # --allow-remote-media: a URL must arrive whole within this
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
@@ -78,7 +79,7 @@ class ChatRequest(_Request):
     stream: bool = False
     stream_options: _StreamOptions | None = None
     modalities: list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -93,7 +94,7 @@ class ImageRequest(_Request):
     n: int = Field(default=1, ge=1, le=4)
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
     steps: int | None = Field(default=None, ge=1, le=1000)
 
 
@@ -118,8 +119,8 @@ def _failure(err: BaseException) -> JSONResponse:
         return error_response(429, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)})
     if isinstance(err, ValidationError):
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return error_response(422, f"{where}: {first['msg']}", where or None)
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        return error_response(422, f"{where}: {first['msg']}", where)
     if isinstance(err, MediaError):
         return error_response(413 if err.group.startswith("over caps.") else 400, str(err))
     if isinstance(err, MissingWeightsError):

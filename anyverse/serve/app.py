@@ -30,7 +30,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from anyverse.config import AnyverseConfig
 from anyverse.devices import resolve_device, resolve_dtype
 from anyverse.media import MediaError, decode_image, media_from_bytes
-from anyverse.openai_parts import MediaSources, ParsedChat, RequestError, http_fetcher, media_delta, media_fields
+from anyverse.openai_parts import (
+    Encoded,
+    MediaSources,
+    ParsedChat,
+    RequestError,
+    http_fetcher,
+    media_delta,
+    media_fields,
+    parse_chat,
+)
 from anyverse.plugins import GeneratedMedia, GeneratorPool
 from anyverse.serve.runner import Finished, Job, QueueFull, Runner
 from anyverse.serve.store import MediaStore
@@ -301,8 +310,7 @@ async def _json_body(request: Request) -> Any:
 
 
 def _parse(chat_request: ChatRequest, sources: MediaSources) -> ParsedChat:
-    from anyverse.openai_parts import parse_chat
-
+    """The request's messages as anyverse messages (all media validated) ending in the user's turn."""
     stops = [chat_request.stop] if isinstance(chat_request.stop, str) else chat_request.stop or []
     if len(stops) > 4:
         raise RequestError(422, "at most 4 stop sequences", "stop")
@@ -412,7 +420,8 @@ async def _next(job: Job, request: Request) -> Any:
 class _ChatReply:
     """Turns a chat job's items into an OpenAI chat completion, whole or as SSE chunks."""
 
-    def __init__(self, job: Job, request: Request, encode: Callable, chat_request: ChatRequest, model: str):
+    def __init__(self, job: Job, request: Request, encode: Callable[[Media], Encoded], chat_request: ChatRequest,
+                 model: str):
         self.job, self.request, self.encode, self.chat_request = job, request, encode, chat_request
         self.id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created, self.model = int(time.time()), model

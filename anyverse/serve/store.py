@@ -11,6 +11,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -42,7 +43,7 @@ class MediaStore:
         name = media.path.name
         return f"{base_url.rstrip('/')}{_ROUTE}{name}?exp={expires}&sig={self._sign(name, expires)}", expires
 
-    def encoder(self, base_url: str, inline: frozenset[Modality]):  # type: ignore[no-untyped-def]
+    def encoder(self, base_url: str, inline: frozenset[Modality]) -> Callable[[Media], Encoded]:
         """``openai_parts`` encoder: ``inline`` modalities as data: URLs, the rest as signed URLs; every item gets an
         audio-style id that resolves back to its file until it expires."""
 

@@ -182,7 +182,10 @@ class Anyverse:
         """Render ``history``, dropping the oldest exchanges if it would not fit the context window (a binary
         search over where the kept part starts, so a long history costs a few renders, not one per message)."""
         budget = self.config.llm.max_context_tokens - self.config.llm.max_new_tokens
-        starts = [i for i, m in enumerate(history) if m.role == "user" or i == len(history) - 1] or [0]
+        context = self.model.render(history, self.config.output.mode)
+        if len(context.ids) <= budget:  # the usual case: everything fits
+            return context
+        starts = [i for i, m in enumerate(history) if m.role == "user" or i == len(history) - 1][1:] or [0]
         low, high = 0, len(starts) - 1
         fitting: Context | None = None
         while low <= high:  # the smallest start whose rendering fits

@@ -60,9 +60,9 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from anyverse.cli.chat import Chat, Settings
     from turn_overhead import scaled_llm
 
-    from anyverse.cli.chat import Chat, Settings
     from anyverse.logs import ConversationLog
     from anyverse.media import save_audio, save_image
     from anyverse.quiet import quiet_libraries

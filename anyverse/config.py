@@ -166,6 +166,11 @@ class AnyverseConfig(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def fingerprint(self) -> str:
+        """Short hash of the resolved config: records name it instead of repeating the whole config."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
 
 def anyverse_home() -> Path:
     """Root for caches and tiny weights: ``$ANYVERSE_HOME`` or ``~/.cache/anyverse``."""

@@ -32,9 +32,10 @@ Attach = Annotated[list[str] | None, typer.Option(
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
 Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
 Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turn.json")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turns.jsonl")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
 Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
+Require = Annotated[list[str] | None, typer.Option(help="the reply must make this modality (repeatable)")]
 Checkpoint = Annotated[Path | None, typer.Option(
     help="trained checkpoint (or run directory: its newest) to use instead of --profile")]
 
@@ -66,14 +67,16 @@ def _attachments(session, specs: list[str] | None) -> list:  # type: ignore[no-u
     return loaded
 
 
-def _modality(name: str | None):
+def _modality(name: str):
     from anyverse.types import OUTPUT_MODALITIES, Modality
 
-    if name is None:
-        return None
     if name not in {m.value for m in OUTPUT_MODALITIES}:
         raise ValueError(f"--require {name}: choose image, video or audio")
     return Modality(name)
+
+
+def _required(names: list[str] | None) -> set:
+    return {_modality(n) for n in names or []}
 
 
 def _print_events(events, as_json: bool) -> None:  # type: ignore[no-untyped-def]
@@ -101,21 +104,21 @@ def run(
     overrides: Overrides = None,
     out: Out = Path("anyverse-out"),
     as_json: Json = False,
-    require: Annotated[str | None, typer.Option(help="the reply must make this modality")] = None,
+    require: Require = None,
     seed: Seed = None,
     device: Device = None,
     dtype: Dtype = None,
     mode: Mode = None,
     checkpoint: Checkpoint = None,
 ) -> None:
-    """One turn: text and media in, text and media out (media and turn.json go to --out)."""
+    """One turn: text and media in, text and media out (media and turns.jsonl go to --out)."""
     session = _session(profile, _overrides(overrides, device, dtype, mode), out, checkpoint)
     media = _attachments(session, attach)
     if as_json:
-        result = session.turn(prompt, media, require=_modality(require), seed=seed)
+        result = session.turn(prompt, media, require=_required(require), seed=seed)
         typer.echo(result.model_dump_json())
         return
-    _print_events(session.stream(prompt, media, require=_modality(require), seed=seed), False)
+    _print_events(session.stream(prompt, media, require=_required(require), seed=seed), False)
 
 
 @app.command()

@@ -248,6 +248,11 @@ def convert_imagebind(
     typer.echo(str(convert_checkpoint(src, dst)))
 
 
+from anyverse.cli.batch import batch_app  # noqa: E402  (after the shared options it imports)
+
+app.add_typer(batch_app, name="batch")
+
+
 def main() -> None:
     # Quiet by default: the CLI owns the terminal (progress bars and library chatter go unless asked for).
     for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",

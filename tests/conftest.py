@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -22,3 +23,21 @@ def anyverse_home(tmp_path_factory: pytest.TempPathFactory):
     home = os.environ.get("ANYVERSE_TEST_HOME") or str(tmp_path_factory.mktemp("anyverse_home"))
     os.environ["ANYVERSE_HOME"] = home
     return home
+
+
+@pytest.fixture(scope="session")
+def sample_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small file per input modality (written by the project's own writers) and one corrupt PNG."""
+    import numpy as np
+
+    from anyverse.media import save_audio, save_image, save_video
+
+    folder = tmp_path_factory.mktemp("sample_media")
+    rng = np.random.default_rng(0)
+    tone = np.sin(np.linspace(0, 440 * 2 * np.pi, 16000)).astype(np.float32) * 0.5
+    broken = folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return {"image": save_image(rng.random((40, 48, 3)), folder).path,
+            "audio": save_audio(tone, 16000, folder).path,
+            "video": save_video(rng.random((8, 32, 32, 3)), 8, folder).path,
+            "corrupt": broken}

@@ -7,17 +7,19 @@ or SIGTERM lets the in-flight batch finish and be written; a second abandons it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from anyverse.batch.jobs import JobRef, Problem, Scan, read_lines, scan
 from anyverse.batch.store import ResultStore, read_run, write_run
+
+if TYPE_CHECKING:
+    from anyverse.config import AnyverseConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,9 @@ class Outcome:
     stopped: bool = False
 
 
-def fingerprint(config: dict[str, Any], seed: int) -> str:
+def fingerprint(config: AnyverseConfig, seed: int) -> str:
     """What results depend on: the resolved config and the run seed (not batch size, engine or workers)."""
-    canonical = json.dumps({"config": config, "seed": seed}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{config.fingerprint()}:{seed}".encode()).hexdigest()[:16]
 
 
 def plan(options: RunOptions) -> Plan:
@@ -83,10 +84,11 @@ def plan(options: RunOptions) -> Plan:
         raise ValueError(f"{options.jobs}: {len(checked.problems)} invalid line(s); fix them or pass --skip-invalid\n"
                          f"{checked.report()}")
     settings = Settings(options.profile, options.overrides, options.out.resolve(), root, checked.format, options.seed)
-    config = settings.config().model_dump(mode="json")
+    config = settings.config()
     manifest = {"job_file": str(options.jobs.resolve()), "job_file_sha256": checked.sha256, "format": checked.format,
                 "root": str(root), "profile": options.profile, "overrides": list(options.overrides),
-                "seed": options.seed, "fingerprint": fingerprint(config, options.seed), "config": config}
+                "seed": options.seed, "fingerprint": fingerprint(config, options.seed),
+                "config": config.model_dump(mode="json")}
     notes = _check_manifest(read_run(options.out), manifest, options.force)
     store = ResultStore(options.out)
     if torn := store.repair():

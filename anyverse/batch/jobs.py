@@ -264,3 +264,24 @@ def parse_line(text: str, line: int, fmt: Format, root: Path, caps: Caps) -> Tas
 
 def job_schema() -> dict[str, Any]:
     return Job.model_json_schema()
+
+
+def map_jobs(prompt: str, files: list[Path], outputs: list[str], out: Path, force: bool) -> tuple[Path, Path]:
+    """Write ``out/jobs.jsonl`` with one job per file (absolute paths, ids relative to their common folder, which
+    is returned as the root). Rerunning the same map finds the same file and resumes."""
+    found = [f.absolute() for f in files if f.is_file()]
+    if not found:
+        raise ValueError("--inputs matched no files")
+    root = Path(os.path.commonpath([f.parent for f in found]))
+    try:
+        jobs = [Job(id=str(f.relative_to(root)), prompt=prompt, inputs=[str(f)], outputs=outputs)  # type: ignore[arg-type]
+                for f in found]
+    except ValidationError as err:
+        raise ValueError(f"--outputs: {_fields(err)}") from None
+    text = "".join(json.dumps(job.model_dump(mode="json", exclude_defaults=True)) + "\n" for job in jobs)
+    path = out / "jobs.jsonl"
+    if path.is_file() and path.read_text() != text and not force:
+        raise ValueError(f"{path} holds other jobs (another map into this --out); use a new --out, or --force")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path, root

@@ -81,6 +81,22 @@ class JobRun:
         return self.error is None
 
 
+_loaded: dict[tuple[str, tuple[str, ...]], Anyverse] = {}
+
+
+def _session(settings: Settings) -> Anyverse:
+    """The pipeline for this profile, loaded once per process (a second run in it reuses the models), pointed at
+    this run's folder and root."""
+    key = (settings.profile, settings.overrides)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = Anyverse(settings.config(), output_dir=settings.out / "media")
+    session = _loaded[key]
+    session.config.caps = settings.config().caps
+    session.output_dir = settings.out / "media"
+    return session
+
+
 def job_seed(run_seed: int, task: Task) -> int:
     """The job's own seed, else one derived from the run seed and the job id (never from a batch position)."""
     if task.options.seed is not None:
@@ -93,7 +109,7 @@ class Worker:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.session = Anyverse(settings.config(), output_dir=settings.out / "media")
+        self.session = _session(settings)
 
     def run(self, lines: list[tuple[int, str]]) -> list[dict[str, Any]]:
         jobs = [self._prepare(line, text) for line, text in lines]

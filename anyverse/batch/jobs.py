@@ -53,8 +53,8 @@ class Job(BaseModel):
     prompt: str = Field(default="", description="what to do with the inputs")
     inputs: list[str] = Field(default_factory=list, description="media files, relative to --root (default: the "
                               "job file's folder); nothing outside the root is read")
-    outputs: list[OutputName] = Field(default_factory=lambda: ["text"], description="what the reply must make; "
-                                      "text always comes back")
+    outputs: list[OutputName] = Field(default_factory=lambda: list[OutputName](["text"]),
+                                      description="what the reply must make; text always comes back")
     options: JobOptions = Field(default_factory=JobOptions, description="generation options (seed, steps, ...), "
                                 "per output modality under its name")
 

@@ -9,6 +9,7 @@ into the run folder, so on a multi-node cluster it must be a shared filesystem.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -42,7 +43,7 @@ def run_ray(chosen: Plan, options: RunOptions, write: Callable[[list[dict[str, A
         return
     started = not ray.is_initialized()
     if started:
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= options.workers else 0

@@ -144,7 +144,7 @@ class Worker:
         """One encoder call per input modality for the whole batch (it fills the embedding cache), then each
         job's context is embedded from the cache. A failing call is retried item by item to find the bad ones."""
         model = self.session.model
-        items = defaultdict(dict)
+        items: defaultdict[Modality, dict[str, Media]] = defaultdict(dict)
         for job in jobs:
             for media in job.media:
                 items[media.modality][media.sha256] = media

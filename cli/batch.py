@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,7 +48,8 @@ def _run(jobs: Path, out: Path, root: Path | None, profile: str, overrides: list
     chosen = plan(options)
     for note in chosen.notes:
         typer.echo(f"anyverse: note: {note}", err=True)
-    hint = f"resume with: anyverse batch {shlex.join(sys.argv[2:])}" if len(sys.argv) > 2 else "rerun the command"
+    hint = (f"Resume with: anyverse batch run {shlex.quote(str(jobs))} --out {shlex.quote(str(out))} --root "
+            f"{shlex.quote(str(chosen.settings.root))} and the same options")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=True, console=_stderr()) as bar:
         task = bar.add_task("jobs", total=chosen.total)

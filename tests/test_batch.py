@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,6 +172,30 @@ def test_a_run_killed_mid_batch_resumes_with_nothing_lost_and_no_duplicates(tmp_
     assert after[: len(before)] == before, "finished results are kept as they were"
     assert sorted(results(out)) == sorted(f"j{i}" for i in range(24))
     assert json.loads(output.splitlines()[-1])["ran"] == 24 - len(before)
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_an_interrupt_finishes_the_batch_in_flight_and_a_second_abandons_it(signals: int, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": f"j{i}", "prompt": f"say {i}"} for i in range(12)])
+    out = tmp_path / "out"
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out / "results.jsonl").is_file():
+            time.sleep(0.01)
+        for _ in range(signals):  # into the second batch (4 replies decoding), not between two batches
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    code, output = batch("run", jobs, "--out", out, "--batch-size", "4")
+    assert code == 130, output
+    assert ("abandoned" if signals == 2 else "stopped after the batch in flight") in output
+    assert f"Resume with: anyverse batch run {jobs} --out {out}" in output
+    written = results(out)
+    assert len(written) == (4 if signals == 2 else 8), "the batch in flight was finished, or abandoned"
+    code, output = batch("run", jobs, "--out", out, "--batch-size", "4")
+    assert code == 0 and len(results(out)) == 12
 
 
 def test_retry_failed_runs_only_the_failed_jobs_again(sample_media: dict[str, Path], tmp_path: Path) -> None:

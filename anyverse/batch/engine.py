@@ -53,7 +53,7 @@ class Plan:
     scan: Scan
     settings: Any  # worker.Settings (imported lazily: it pulls in torch)
     batches: list[list[JobRef]]
-    invalid: list[dict[str, Any]]
+    invalid: dict[str, dict[str, Any]]  # job id -> failed result line, for invalid lines not yet recorded
     finished: int
     notes: list[str] = field(default_factory=list)
 
@@ -108,12 +108,12 @@ def plan(options: RunOptions) -> Plan:
             redo.add(ref.id)
         todo.append(ref)
     todo = todo[: options.limit] if options.limit is not None else todo
-    invalid = _invalid_records(checked, finished, settings)
-    stale = {f.id for f in finished.values() if f.reason == "invalid job"} - {r["_id"] for r in invalid}
+    invalid = _invalid_records(checked, settings)
+    stale = {f.id for f in finished.values() if f.reason == "invalid job"} - set(invalid)
     store.drop({ref.id for ref in todo} & redo | stale)
     write_run(options.out, manifest)
     return Plan(scan=checked, settings=settings, batches=grouped(todo, options.batch_size),
-                invalid=[r for r in invalid if r["_id"] not in finished], finished=len(finished) - len(redo),
+                invalid={k: r for k, r in invalid.items() if k not in finished}, finished=len(finished) - len(redo),
                 notes=notes)
 
 
@@ -132,18 +132,18 @@ def _check_manifest(old: dict[str, Any] | None, new: dict[str, Any], force: bool
     return []
 
 
-def _invalid_records(checked: Scan, finished: dict[str, Any], settings: Any) -> list[dict[str, Any]]:
+def _invalid_records(checked: Scan, settings: Any) -> dict[str, dict[str, Any]]:
     """Failed result lines for invalid lines (--skip-invalid), under their job id when it is usable."""
     from anyverse.batch.worker import JobRun, render
 
     taken = {ref.id for ref in checked.refs}
-    records = []
+    records = {}
     for problem in checked.problems:
         job_id = _invalid_id(problem, taken)
         taken.add(job_id)
         job = JobRun(line=problem.line, id=job_id)
         job.fail("invalid job", str(problem))
-        records.append({**render(job, settings), "_id": job_id})
+        records[job_id] = render(job, settings)
     return records
 
 
@@ -162,7 +162,7 @@ def grouped(refs: list[JobRef], batch_size: int) -> list[list[JobRef]]:
 def execute(options: RunOptions, chosen: Plan, on_results: Callable[[list[dict[str, Any]]], None]) -> Outcome:
     """Run the plan's batches, appending each batch's results as it finishes."""
     store = ResultStore(options.out)
-    store.append({k: v for k, v in r.items() if k != "_id"} for r in chosen.invalid)
+    store.append(chosen.invalid.values())
     outcome = Outcome()
 
     def write(records: list[dict[str, Any]]) -> None:

@@ -116,6 +116,20 @@ def test_a_mixed_job_file_runs_end_to_end_and_records_every_failure_on_its_line(
     assert len(got) == len(lines)
 
 
+def test_a_generator_error_fails_only_its_own_job_in_the_batch(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "good", "prompt": "draw", "outputs": ["image"]},
+        {"id": "bad", "prompt": "draw", "outputs": ["image"], "options": {"image": {"width": 12}}},
+        {"id": "also-good", "prompt": "draw again", "outputs": ["image"], "options": {"steps": 1}}])
+    code, output = batch("run", jobs, "--out", tmp_path / "out", *SIGNAL)
+    assert code == 0, output
+    got = results(tmp_path / "out")
+    assert got["good"]["status"] == got["also-good"]["status"] == "ok"
+    assert got["also-good"]["media"][0]["request"]["options"]["steps"] == 1
+    assert got["bad"]["status"] == "failed" and got["bad"]["reason"] == "output missing"
+    assert "image generation failed" in got["bad"]["error"] and "divisible by 8" in got["bad"]["error"]
+
+
 def test_an_invalid_job_file_is_refused_whole_with_every_bad_line_numbered(sample_media: dict[str, Path],
                                                                            tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere"

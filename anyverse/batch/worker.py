@@ -22,6 +22,7 @@ from anyverse.batch.jobs import Format, JobError, Task, parse_line
 from anyverse.config import AnyverseConfig, anyverse_home, load_config
 from anyverse.media import MediaError
 from anyverse.model import Context
+from anyverse.plugins import GeneratedMedia, Generator
 from anyverse.session import Anyverse, Reply, effective_options, media_by_id, next_id, save_generated
 from anyverse.signals import StreamParser
 from anyverse.types import OUTPUT_MODALITIES, Media, MediaProduced, MediaRequest, Message, Modality
@@ -201,25 +202,44 @@ class Worker:
                 self._generate_group(modality, group)
 
     def _generate_group(self, modality: Modality, group: list[tuple[JobRun, MediaRequest]]) -> None:
-        """The one place generators are called: one request at a time until the batched protocol lands."""
+        """A modality's requests from the whole batch in one generator call; if that call fails, each request is
+        tried alone, so one job's failure never costs the others their media."""
         try:
             generator = self.session.generators.get(modality)
         except Exception as err:
             for job, _ in group:
                 job.notices.append(f"{modality.value} generation failed: {err}")
             return
+        ready = []
         for job, request in group:
-            tick = time.perf_counter()
             try:
-                source = self.session._source(request, media_by_id(job.messages), generator.accepts_source)
-                saved = save_generated(generator.generate(request, source), self.session.output_dir)
-            except Exception as err:  # one job's generator failure never stops the batch
+                ready.append((job, request, self.session._source(request, media_by_id(job.messages),
+                                                                 generator.accepts_source)))
+            except Exception as err:
+                job.notices.append(f"{modality.value} generation failed: {err}")
+        tick = time.perf_counter()
+        try:
+            outputs = _generate(generator, ready)
+        except Exception:
+            outputs = None
+        for index, (job, request, source) in enumerate(ready):
+            try:
+                result = outputs[index] if outputs is not None else _generate(generator, [(job, request, source)])[0]
+                saved = save_generated(result, self.session.output_dir)
+            except Exception as err:
                 log.debug("%s generation failed for job %s", modality.value, job.id, exc_info=True)
                 job.notices.append(f"{modality.value} generation failed: {err}")
                 continue
             media = saved.with_id(next_id(modality, job.messages, [p.media for p in job.made]))
-            job.made.append(MediaProduced(media=media, request=request, seconds=time.perf_counter() - tick))
+            seconds = (time.perf_counter() - tick) / len(ready)
+            job.made.append(MediaProduced(media=media, request=request, seconds=seconds))
 
+
+def _generate(generator: Generator, items: list[tuple[JobRun, MediaRequest, GeneratedMedia | None]]
+              ) -> list[GeneratedMedia]:
+    """The one place a generator runs; with the batched protocol (issue 16) this becomes one call:
+    ``generator.generate([r for _, r, _ in items], [s for _, _, s in items])``."""
+    return [generator.generate(request, source) for _, request, source in items]
 
 
 def render(job: JobRun, settings: Settings) -> dict[str, Any]:

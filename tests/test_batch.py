@@ -264,13 +264,15 @@ def test_status_reports_done_failed_by_reason_and_pending(sample_media: dict[str
     assert code == 2 and "run.json" in output
 
 
-def test_batch_size_1_and_8_give_the_same_text_and_requests(sample_media: dict[str, Path], tmp_path: Path) -> None:
-    jobs = write_jobs(sample_media["image"].parent / "sizes.jsonl", [
+@pytest.mark.parametrize("mode", ["meta", "signal"])
+def test_batch_size_1_and_8_give_the_same_text_and_requests(mode: str, sample_media: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    jobs = write_jobs(sample_media["image"].parent / f"sizes-{mode}.jsonl", [
         {"id": f"j{i}", "prompt": f"job {i} " * (i % 4), "inputs": [sample_media["image"].name] * (i % 2),
          "outputs": ["image"] if i % 3 == 0 else ["text"]} for i in range(8)])
     runs = {}
     for size in (1, 8):
-        code, output = batch("run", jobs, "--out", tmp_path / f"b{size}", "--batch-size", str(size), *SIGNAL)
+        code, output = batch("run", jobs, "--out", tmp_path / f"b{size}", "--batch-size", str(size), "--mode", mode)
         assert code == 0, output
         runs[size] = results(tmp_path / f"b{size}")
     for job_id, one in runs[1].items():

@@ -38,6 +38,7 @@ from anyverse.media import (
 )
 from anyverse.model import AnyverseModel, Context
 from anyverse.plugins import GeneratedMedia, GeneratorPool
+from anyverse.quiet import quiet_libraries
 from anyverse.signals import REQUEST_OPEN, StreamParser
 from anyverse.types import (
     OUTPUT_MODALITIES,
@@ -84,8 +85,9 @@ class Anyverse:
                     raise
                 raise MissingWeightsError(["toyworld: not built on this machine yet; `anyverse train toyworld` "
                                            "makes every piece below (CPU only, no downloads)", *err.missing]) from None
-            specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
-            model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
+            with quiet_libraries():
+                specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
+                model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
         self.model = model
         self.output_dir = Path(output_dir)
         self.history: list[Message] = []
@@ -350,9 +352,11 @@ class Anyverse:
         """Generate and save one item; failures become notices so finished work is never lost."""
         tick = time.perf_counter()
         try:
-            generator = self.generators.get(request.modality)
-            source = self._source(request, known, generator.accepts_source)
-            saved = save_generated(generator.generate(request, source), self.output_dir)
+            with quiet_libraries():
+                generator = self.generators.get(request.modality)
+                source = self._source(request, known, generator.accepts_source)
+                generated = generator.generate(request, source)
+            saved = save_generated(generated, self.output_dir)
         except Exception as err:  # a generator failure must not lose the reply or earlier media
             log.debug("%s generation failed", request.modality.value, exc_info=True)
             return Notice(message=f"{request.modality.value} generation failed: {err}")

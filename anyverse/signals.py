@@ -40,8 +40,11 @@ MEDIA_ID_PATTERN = r"^(?:" + "|".join(m.label for m in Modality) + r")_[1-9][0-9
 class SignalVocabulary:
     """Every special token anyverse adds to a tokenizer, derived from the signal-token counts in the config."""
 
-    def __init__(self, counts: dict[Modality, int]):
+    def __init__(self, counts: dict[Modality, int], markers: list[str] | None = None):
+        """``markers``: the tokens added before the signal tokens; anyverse's own unless a checkpoint fixes them."""
         self.counts = {m: counts[m] for m in OUTPUT_MODALITIES if m in counts}
+        ours = [REQUEST_OPEN, REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END]
+        self.markers = ours if markers is None else markers
 
     def signal_tokens(self, modality: Modality) -> list[str]:
         return [f"[{_SIGNAL_PREFIX[modality]}{i}]" for i in range(self.counts[modality])]
@@ -53,7 +56,7 @@ class SignalVocabulary:
     @property
     def special_tokens(self) -> list[str]:
         """Added to the tokenizer as special tokens, in a fixed order (checkpoints depend on it)."""
-        return [REQUEST_OPEN, REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END, *self.all_signal_tokens]
+        return [*self.markers, *self.all_signal_tokens]
 
     def parse_signal(self, token: str) -> tuple[Modality, int] | None:
         match = re.fullmatch(r"\[(IMG|VID|AUD)(\d+)\]", token)

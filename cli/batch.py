@@ -29,7 +29,7 @@ Force = Annotated[bool, typer.Option("--force", help="go on despite a changed co
 Limit = Annotated[int | None, typer.Option(min=1, help="run at most this many jobs now")]
 
 
-def _run(jobs: Path, out: Path, root: Path | None, profile: str, overrides: list[str], batch_size: int,
+def _run(jobs: Path, out: Path, root: Path | None, profile: str | None, overrides: list[str], batch_size: int,
          engine: str, address: str | None, workers: int, retry_failed: bool, skip_invalid: bool, force: bool,
          limit: int | None, seed: int | None) -> None:
     """Plan, run with a progress bar, print the summary (and the resume hint when interrupted)."""
@@ -41,7 +41,7 @@ def _run(jobs: Path, out: Path, root: Path | None, profile: str, overrides: list
         raise ValueError(f"--engine {engine}: choose local or ray")
     if engine == "ray":
         _require_ray()
-    options = RunOptions(jobs=jobs, out=out, root=root, profile=profile, overrides=tuple(overrides),
+    options = RunOptions(jobs=jobs, out=out, root=root, profile=profile or "tiny", overrides=tuple(overrides),
                          batch_size=batch_size, seed=seed or 0, engine=engine,  # type: ignore[arg-type]
                          address=address, workers=workers, retry_failed=retry_failed, skip_invalid=skip_invalid,
                          force=force, limit=limit)

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-Profile = Annotated[str, typer.Option("--profile", "-p", help="profile name (tiny, default) or a YAML config file")]
+Profile = Annotated[str | None, typer.Option(
+    "--profile", "-p", help="profile name (tiny, toyworld, default) or a YAML config file [default: tiny]")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
 Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -11,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # as the CLI sets it: library chatter is not an error line
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -26,18 +28,23 @@ def anyverse_home(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def sample_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One small file per input modality (written by the project's own writers) and one corrupt PNG."""
-    import numpy as np
-
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small file per input modality, written by the project's own writers."""
     from anyverse.media import save_audio, save_image, save_video
 
-    folder = tmp_path_factory.mktemp("sample_media")
+    folder = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
     tone = np.sin(np.linspace(0, 440 * 2 * np.pi, 16000)).astype(np.float32) * 0.5
-    broken = folder / "broken.png"
+    return {
+        "image": save_image(rng.random((40, 48, 3)), folder).path,
+        "audio": save_audio(tone, 16000, folder).path,
+        "video": save_video(rng.random((8, 32, 32, 3)), 8, folder).path,
+    }
+
+
+@pytest.fixture(scope="session")
+def sample_media(inputs: dict[str, Path]) -> dict[str, Path]:
+    """``inputs`` plus a corrupt PNG beside them (batch jobs name their inputs relative to that folder)."""
+    broken = inputs["image"].parent / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    return {"image": save_image(rng.random((40, 48, 3)), folder).path,
-            "audio": save_audio(tone, 16000, folder).path,
-            "video": save_video(rng.random((8, 32, 32, 3)), 8, folder).path,
-            "corrupt": broken}
+    return {**inputs, "corrupt": broken}

@@ -155,6 +155,21 @@ def test_an_invalid_job_file_is_refused_whole_with_every_bad_line_numbered(sampl
     assert code == 2 and "empty" in output
 
 
+def test_an_overlong_line_is_skipped_unread_and_the_next_line_still_counts(monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path) -> None:
+    monkeypatch.setattr("anyverse.batch.jobs.MAX_LINE_BYTES", 64)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": "big", "prompt": "x" * 500}, {"id": "small"}])
+    code, output = batch("validate", jobs)
+    assert code == 2 and "jobs.jsonl:1: longer than 64 bytes" in output and "jobs.jsonl:2" not in output
+
+
+def test_the_ray_engine_without_ray_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a"}])
+    code, output = batch("run", jobs, "--out", tmp_path / "out", "--engine", "ray")
+    assert code == 2 and "pip install 'anyverse[ray]'" in output
+
+
 @pytest.mark.slow  # a fresh process loads the models (about 30 s on 2 shared cores)
 def test_a_run_killed_mid_batch_resumes_with_nothing_lost_and_no_duplicates(tmp_path: Path) -> None:
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": f"j{i}", "prompt": f"say {i}"} for i in range(24)])

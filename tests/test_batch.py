@@ -130,6 +130,26 @@ def test_a_generator_error_fails_only_its_own_job_in_the_batch(tmp_path: Path) -
     assert "image generation failed" in got["bad"]["error"] and "divisible by 8" in got["bad"]["error"]
 
 
+def test_an_error_decoding_one_row_fails_only_that_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from anyverse.batch import worker
+
+    real = worker.decode_batch
+
+    def breaks_on_seed_666(llm, rows, *args):  # type: ignore[no-untyped-def]
+        if any(row.seed == 666 for row in rows):
+            raise RuntimeError("row 666 breaks the batch")
+        return real(llm, rows, *args)
+
+    monkeypatch.setattr(worker, "decode_batch", breaks_on_seed_666)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": "a"}, {"id": "bad", "options": {"seed": 666}}, {"id": "b"}])
+    code, output = batch("run", jobs, "--out", tmp_path / "out")
+    assert code == 0, output
+    got = results(tmp_path / "out")
+    assert got["a"]["status"] == got["b"]["status"] == "ok"
+    assert (got["bad"]["status"], got["bad"]["reason"]) == ("failed", "decode")
+    assert "row 666 breaks the batch" in got["bad"]["error"]
+
+
 def test_an_invalid_job_file_is_refused_whole_with_every_bad_line_numbered(sample_media: dict[str, Path],
                                                                            tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere"

@@ -139,6 +139,9 @@ class Worker:
             job.fail(f"input: {err.group}", str(err))
         except ValueError as err:
             job.fail("input", str(err))
+        except Exception as err:  # anything else still fails only this job
+            log.debug("job on line %d failed to prepare", line, exc_info=True)
+            job.fail("error", f"{type(err).__name__}: {err}")
         return job
 
     def _encode(self, jobs: list[JobRun]) -> None:
@@ -165,26 +168,51 @@ class Worker:
                 job.fail("input: does not decode", broken[0])
                 continue
             assert job.context is not None
-            job.embeds = model.embed(job.context)
+            try:
+                job.embeds = model.embed(job.context)
+            except Exception as err:
+                job.fail("input: does not decode", str(err))
 
     def _decode(self, jobs: list[JobRun]) -> None:
-        """The batch's replies decoded together, each row with its own rules and random stream."""
+        """The batch's replies decoded together, each row with its own rules and random stream; if the batch
+        fails, each row is decoded alone, so only the job that breaks it fails."""
+        config = self.session.config
+        try:
+            rows = [self._row(job) for job in jobs]
+            decode_batch(self.session.model.llm, rows, config.llm.max_new_tokens, config.llm.temperature,
+                         config.llm.top_p)
+        except Exception:
+            for job in jobs:
+                try:
+                    row = self._row(job)
+                    decode_batch(self.session.model.llm, [row], config.llm.max_new_tokens, config.llm.temperature,
+                                 config.llm.top_p)
+                    self._route(job, row)
+                except Exception as err:
+                    log.debug("job %s failed to decode", job.id, exc_info=True)
+                    job.fail("decode", f"{type(err).__name__}: {err}")
+            return
+        for job, row in zip(jobs, rows, strict=True):
+            try:
+                self._route(job, row)
+            except Exception as err:
+                job.fail("decode", f"{type(err).__name__}: {err}")
+
+    def _row(self, job: JobRun) -> Row:
         session, config = self.session, self.session.config
         llm, out = session.model.llm, config.output
-        rows = []
-        for job in jobs:
-            assert job.task is not None and job.embeds is not None
-            processors = row_processors(llm, out.mode, out.constrained, out.max_prompt_chars,
-                                        config.llm.max_new_tokens, session._meta_reserve, job.task.outputs,
-                                        tuple(str(m.id) for m in job.media))
-            rows.append(Row(job.embeds, processors, StreamParser(llm.vocab, out.mode, out.max_prompt_chars),
-                            job_seed(self.settings.seed, job.task), job.task.outputs))
-        decode_batch(llm, rows, config.llm.max_new_tokens, config.llm.temperature, config.llm.top_p)
-        for job, row in zip(jobs, rows, strict=True):
-            assert job.embeds is not None
-            job.reply = Reply.of(row.events, row.ids)
-            job.requests, capped = session.route(job.reply, job.embeds)
-            job.notices += job.reply.notices + capped
+        assert job.task is not None and job.embeds is not None
+        processors = row_processors(llm, out.mode, out.constrained, out.max_prompt_chars, config.llm.max_new_tokens,
+                                    session._meta_reserve, job.task.outputs, tuple(str(m.id) for m in job.media))
+        return Row(job.embeds, processors, StreamParser(llm.vocab, out.mode, out.max_prompt_chars),
+                   job_seed(self.settings.seed, job.task), job.task.outputs)
+
+    def _route(self, job: JobRun, row: Row) -> None:
+        """The reply's requests as the session routes them (signal conditioning, the per-reply cap)."""
+        assert job.embeds is not None
+        job.reply = Reply.of(row.events, row.ids)
+        job.requests, capped = self.session.route(job.reply, job.embeds)
+        job.notices += job.reply.notices + capped
 
     def _generate(self, jobs: list[JobRun]) -> None:
         """Each generator gets its modality's requests from the whole batch together."""

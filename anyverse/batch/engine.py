@@ -10,7 +10,7 @@ import hashlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -193,12 +193,7 @@ def run_local(chosen: Plan, write: Callable[[list[dict[str, Any]]], None], stop:
     for batch in chosen.batches:
         if stop.is_set():
             return
-        write(worker.run(read_lines(chosen.scan.path, batch)))
-
-
-def lines_of(chosen: Plan) -> Iterator[tuple[int, str]]:
-    for batch in chosen.batches:
-        yield from read_lines(chosen.scan.path, batch)
+        write(worker.run(read_lines(chosen.scan.path, [(ref.line, ref.offset) for ref in batch])))
 
 
 def _status(record: dict[str, Any]) -> str:

@@ -250,13 +250,13 @@ def scan(path: Path, root: Path) -> Scan:
     return result
 
 
-def read_lines(path: Path, refs: Iterable[JobRef]) -> list[tuple[int, str]]:
-    """(line number, text) of the given jobs, re-read by offset."""
+def read_lines(path: Path, places: Iterable[tuple[int, int]]) -> list[tuple[int, str]]:
+    """(line number, text) of the jobs at these (line number, byte offset) places, re-read from the file."""
     out = []
     with open(path, "rb") as f:
-        for ref in refs:
-            f.seek(ref.offset)
-            out.append((ref.line, f.readline(MAX_LINE_BYTES + 1).decode()))
+        for line, offset in places:
+            f.seek(offset)
+            out.append((line, f.readline(MAX_LINE_BYTES + 1).decode()))
     return out
 
 

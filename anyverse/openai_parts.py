@@ -16,7 +16,6 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from anyverse.config import Caps
 from anyverse.media import MediaError, load_media, media_from_bytes
+from anyverse.session import clean_text, next_id
 from anyverse.types import OUTPUT_MODALITIES, Media, Message, Modality
 
 __all__ = [
@@ -40,13 +40,13 @@ __all__ = [
     "parse_modalities",
 ]
 
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _ID_PATTERN = re.compile(r"\b(" + "|".join(m.label for m in Modality) + r")_(\d+)\b")
 # URL content part type -> the modality it must hold.
 _URL_PARTS: dict[str, Modality] = {"image_url": Modality.IMAGE, "video_url": Modality.VIDEO,
                                    "audio_url": Modality.AUDIO}
 # Response field for each output modality; audio also goes in the single ``audio`` field (OpenAI's own).
 _FIELDS = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
+MAX_MESSAGES = 256  # a conversation longer than this is refused (413): rendering cost grows with it
 _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
     "system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -78,6 +78,8 @@ class MediaSources:
 
 @dataclass(frozen=True)
 class ParsedChat:
+    """The conversation as anyverse messages (media validated, ids given) and the outputs the reply must make."""
+
     messages: list[Message]
     require: frozenset[Modality]
 
@@ -95,18 +97,13 @@ class Encoded:
 # ------------------------------------------------------------------------------------------------- inbound
 
 
-def clean_text(text: str) -> str:
-    """Lone surrogates (valid JSON, invalid text) become U+FFFD, so nothing later fails to encode."""
-    return _SURROGATES.sub("\ufffd", text)
-
-
 def parse_modalities(modalities: Any) -> frozenset[Modality]:
     """``["text", "image"]`` -> the modalities the reply must make (text is always made)."""
     if modalities is None:
         return frozenset()
     if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
         raise RequestError(422, "must be a list of strings", "modalities")
-    names = {m.value for m in OUTPUT_MODALITIES}
+    names = [m.value for m in OUTPUT_MODALITIES]
     unknown = [m for m in modalities if m != "text" and m not in names]
     if unknown:
         raise RequestError(422, f"unknown modality {clean_text(unknown[0])!r}; choose text, {', '.join(names)}",
@@ -116,22 +113,23 @@ def parse_modalities(modalities: Any) -> frozenset[Modality]:
 
 def parse_chat(messages: Any, sources: MediaSources, modalities: Any = None) -> ParsedChat:
     """Validate every message and media item (all before anything runs), derive ids, check id references."""
+    require = parse_modalities(modalities)
     if not isinstance(messages, list) or not messages:
         raise RequestError(422, "must be a non-empty list of messages", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(413, f"{len(messages)} messages exceed the cap of {MAX_MESSAGES}", "messages")
     parsed = derive_ids([_message(m, f"messages[{i}]", sources) for i, m in enumerate(messages)])
     _check_references(parsed)
-    return ParsedChat(messages=parsed, require=parse_modalities(modalities))
+    return ParsedChat(messages=parsed, require=require)
 
 
 def derive_ids(messages: list[Message]) -> list[Message]:
-    """Media ids as a chat session gives them: ``img_1``, ``aud_2`` ... counted per modality in order."""
-    counts: Counter[str] = Counter()
-    out = []
+    """Media ids as a chat session gives them (``img_1``, ``aud_2`` ...), so "make img_2 darker" means the same."""
+    out: list[Message] = []
     for message in messages:
-        media = []
+        media: list[Media] = []
         for item in message.media:
-            counts[item.modality.label] += 1
-            media.append(item.with_id(f"{item.modality.label}_{counts[item.modality.label]}"))
+            media.append(item.with_id(next_id(item.modality, out, media)))
         out.append(message.model_copy(update={"media": media}))
     return out
 

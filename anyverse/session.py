@@ -179,16 +179,25 @@ class Anyverse:
     # ---- a turn ---------------------------------------------------------------------------------------------
 
     def context(self, history: list[Message]) -> Context:
-        """Render ``history``, dropping the oldest turns if it would not fit the context window."""
+        """Render ``history``, dropping the oldest exchanges if it would not fit the context window (a binary
+        search over where the kept part starts, so a long history costs a few renders, not one per message)."""
         budget = self.config.llm.max_context_tokens - self.config.llm.max_new_tokens
-        while True:
-            context = self.model.render(history, self.config.output.mode)
-            if len(context.ids) <= budget or len(history) <= 1:
-                break
-            history = history[1:]
-        if len(context.ids) > budget:
+        context = self.model.render(history, self.config.output.mode)
+        if len(context.ids) <= budget:  # the usual case: everything fits
+            return context
+        starts = [i for i, m in enumerate(history) if m.role == "user" or i == len(history) - 1][1:] or [0]
+        low, high = 0, len(starts) - 1
+        fitting: Context | None = None
+        while low <= high:  # the smallest start whose rendering fits
+            mid = (low + high) // 2
+            context = self.model.render(history[starts[mid] :], self.config.output.mode)
+            if len(context.ids) <= budget:
+                fitting, high = context, mid - 1
+            else:
+                low = mid + 1
+        if fitting is None:
             raise ValueError(f"message: {len(context.ids)} tokens do not fit the {budget}-token context budget")
-        return context
+        return fitting
 
     def stream(self, text: str, attachments: Sequence[Attachment] = (), *, require: Require = None,
                seed: int | None = None, options: dict[str, Any] | None = None,

@@ -82,13 +82,19 @@ class MetaResponse(BaseModel):
 def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), modalities: tuple[str, ...] = ()) -> str:
     """JSON schema for constrained decoding: bounded prompt, ``source`` limited to ids that exist, and
     ``modality`` limited to ``modalities`` when given (a reply that must make a video)."""
-    schema: dict[str, Any] = MetaResponse.model_json_schema()
+    schema: dict[str, Any] = json.loads(_meta_schema())  # a fresh copy to edit
     props = schema["properties"]
     if modalities:
         props["modality"]["enum"] = list(modalities)
     props["prompt"]["maxLength"] = max_prompt_chars
     props["source"] = {"anyOf": [{"enum": list(media_ids)}, {"type": "null"}]} if media_ids else {"type": "null"}
     return json.dumps(schema)
+
+
+@lru_cache(maxsize=1)
+def _meta_schema() -> str:
+    """pydantic's schema of MetaResponse, built once (it costs milliseconds, and the media ids change every turn)."""
+    return json.dumps(MetaResponse.model_json_schema())
 
 
 def validate_meta(raw: str, max_prompt_chars: int) -> MediaRequest:

@@ -225,6 +225,36 @@ def generate(
     typer.echo(media.model_dump_json() if as_json else str(media.path))
 
 
+@app.command()
+@fail_cleanly
+def serve(
+    profile: Profile = "tiny",
+    overrides: Overrides = None,
+    checkpoint: Checkpoint = None,
+    out: Out = Path("anyverse-out"),
+    host: Annotated[str, typer.Option(help="address to bind; other than loopback needs an API key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="ANYVERSE_API_KEY", help="required Bearer key")] = None,
+    served_model_name: Annotated[str, typer.Option(help="the model name clients ask for")] = "anyverse",
+    max_queue: Annotated[int, typer.Option(min=1, help="requests that may wait; more get 429")] = 16,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 64.0,
+    media_ttl: Annotated[float, typer.Option(min=1, help="seconds media URLs and audio ids stay valid")] = 3600.0,
+    allow_remote_media: Annotated[bool, typer.Option(help="fetch http(s) media URLs (size and time capped)")] = False,
+    device: Device = None,
+    dtype: Dtype = None,
+    mode: Mode = None,
+) -> None:
+    """OpenAI-compatible server: /v1/chat/completions (media in and out), /v1/images/*, /v1/models, /health."""
+    from anyverse.serve import check_host, run, settings
+
+    check_host(host, api_key)
+    server = settings(profile or "tiny", _overrides(overrides, device, dtype, mode), checkpoint, out,
+                      served_model_name=served_model_name, api_key=api_key, max_queue=max_queue,
+                      max_body_mb=max_body_mb, media_ttl=media_ttl, allow_remote_media=allow_remote_media)
+    typer.echo(f"anyverse: serving {served_model_name!r} at http://{host}:{port}/v1", err=True)
+    run(server, host, port)
+
+
 @debug_app.command("parse")
 @fail_cleanly
 def debug_parse(

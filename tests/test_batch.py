@@ -83,9 +83,9 @@ def mixed_openai(media: dict[str, Path]) -> list:
 
 @pytest.mark.parametrize("fmt", ["anyverse", "openai"])
 def test_a_mixed_job_file_runs_end_to_end_and_records_every_failure_on_its_line(
-        fmt: str, sample_media: dict[str, Path], tmp_path: Path) -> None:
-    lines = mixed_anyverse(sample_media) if fmt == "anyverse" else mixed_openai(sample_media)
-    jobs = write_jobs(sample_media["image"].parent / f"mixed-{fmt}.jsonl", lines)
+        fmt: str, batch_media: dict[str, Path], tmp_path: Path) -> None:
+    lines = mixed_anyverse(batch_media) if fmt == "anyverse" else mixed_openai(batch_media)
+    jobs = write_jobs(batch_media["image"].parent / f"mixed-{fmt}.jsonl", lines)
     out = tmp_path / "out"
     code, output = batch("run", jobs, "--out", out, "--skip-invalid", "--batch-size", "4", "--seed", "3", *SIGNAL)
     assert code == 0, output
@@ -150,11 +150,11 @@ def test_an_error_decoding_one_row_fails_only_that_job(monkeypatch: pytest.Monke
     assert "row 666 breaks the batch" in got["bad"]["error"]
 
 
-def test_an_invalid_job_file_is_refused_whole_with_every_bad_line_numbered(sample_media: dict[str, Path],
+def test_an_invalid_job_file_is_refused_whole_with_every_bad_line_numbered(batch_media: dict[str, Path],
                                                                            tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    (outside / "x.png").write_bytes(sample_media["image"].read_bytes())
+    (outside / "x.png").write_bytes(batch_media["image"].read_bytes())
     root = tmp_path / "root"
     root.mkdir()
     (root / "link.png").symlink_to(outside / "x.png")
@@ -247,9 +247,9 @@ def test_an_interrupt_finishes_the_batch_in_flight_and_a_second_abandons_it(sign
     assert code == 0 and len(results(out)) == 12
 
 
-def test_retry_failed_runs_only_the_failed_jobs_again(sample_media: dict[str, Path], tmp_path: Path) -> None:
+def test_retry_failed_runs_only_the_failed_jobs_again(batch_media: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "photo.png"
-    bad.write_bytes(sample_media["corrupt"].read_bytes())
+    bad.write_bytes(batch_media["corrupt"].read_bytes())
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"id": "ok", "prompt": "hi"},
                                                 {"id": "fixme", "prompt": "describe", "inputs": ["photo.png"]}])
     out = tmp_path / "out"
@@ -265,12 +265,12 @@ def test_retry_failed_runs_only_the_failed_jobs_again(sample_media: dict[str, Pa
     assert got["fixme"]["status"] == "ok" and got["ok"] == first
 
 
-def test_map_writes_a_reproducible_job_file_and_a_rerun_resumes_it(sample_media: dict[str, Path],
+def test_map_writes_a_reproducible_job_file_and_a_rerun_resumes_it(batch_media: dict[str, Path],
                                                                     tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(3):
-        (folder / f"p{i}.png").write_bytes(sample_media["image"].read_bytes())
+        (folder / f"p{i}.png").write_bytes(batch_media["image"].read_bytes())
     out = tmp_path / "out"
     code, output = batch("map", "describe this and draw it", "--inputs", f"{folder}/*.png", "--outputs",
                          "text,image", "--out", out, *SIGNAL)
@@ -284,9 +284,9 @@ def test_map_writes_a_reproducible_job_file_and_a_rerun_resumes_it(sample_media:
     assert code == 0 and json.loads(output.splitlines()[-1])["ran"] == 0
 
 
-def test_status_reports_done_failed_by_reason_and_pending(sample_media: dict[str, Path], tmp_path: Path) -> None:
-    jobs = write_jobs(sample_media["image"].parent / "status.jsonl", [
-        {"id": "bad", "inputs": [sample_media["corrupt"].name]}, *({"id": f"j{i}"} for i in range(4))])
+def test_status_reports_done_failed_by_reason_and_pending(batch_media: dict[str, Path], tmp_path: Path) -> None:
+    jobs = write_jobs(batch_media["image"].parent / "status.jsonl", [
+        {"id": "bad", "inputs": [batch_media["corrupt"].name]}, *({"id": f"j{i}"} for i in range(4))])
     out = tmp_path / "out"
     assert batch("run", jobs, "--out", out, "--limit", "3")[0] == 0
     code, output = batch("status", out, "--json")
@@ -300,10 +300,10 @@ def test_status_reports_done_failed_by_reason_and_pending(sample_media: dict[str
 
 
 @pytest.mark.parametrize("mode", ["meta", "signal"])
-def test_batch_size_1_and_8_give_the_same_text_and_requests(mode: str, sample_media: dict[str, Path],
+def test_batch_size_1_and_8_give_the_same_text_and_requests(mode: str, batch_media: dict[str, Path],
                                                             tmp_path: Path) -> None:
-    jobs = write_jobs(sample_media["image"].parent / f"sizes-{mode}.jsonl", [
-        {"id": f"j{i}", "prompt": f"job {i} " * (i % 4), "inputs": [sample_media["image"].name] * (i % 2),
+    jobs = write_jobs(batch_media["image"].parent / f"sizes-{mode}.jsonl", [
+        {"id": f"j{i}", "prompt": f"job {i} " * (i % 4), "inputs": [batch_media["image"].name] * (i % 2),
          "outputs": ["image"] if i % 3 == 0 else ["text"]} for i in range(8)])
     runs = {}
     for size in (1, 8):

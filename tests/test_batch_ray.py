@@ -20,12 +20,12 @@ def run(jobs: Path, out: Path, *extra: str) -> dict[str, dict]:
 
 
 @pytest.mark.slow  # Ray's start-up and its actor's model load take about 30 s
-def test_the_ray_engine_gives_the_same_results_as_the_local_one(sample_media: dict[str, Path], tmp_path: Path) -> None:
-    jobs = sample_media["image"].parent / "ray.jsonl"
+def test_the_ray_engine_gives_the_same_results_as_the_local_one(batch_media: dict[str, Path], tmp_path: Path) -> None:
+    jobs = batch_media["image"].parent / "ray.jsonl"
     jobs.write_text("".join(json.dumps(j) + "\n" for j in [
-        {"id": "text", "prompt": "hello"}, {"id": "image-in", "inputs": [sample_media["image"].name]},
+        {"id": "text", "prompt": "hello"}, {"id": "image-in", "inputs": [batch_media["image"].name]},
         {"id": "image-out", "prompt": "draw", "outputs": ["image"]}, {"id": "audio-in", "inputs": [
-            sample_media["audio"].name]}, {"id": "corrupt", "inputs": [sample_media["corrupt"].name]}]))
+            batch_media["audio"].name]}, {"id": "corrupt", "inputs": [batch_media["corrupt"].name]}]))
     local = run(jobs, tmp_path / "local")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -14,7 +14,6 @@ import soundfile as sf
 from PIL import Image
 
 from anyverse.config import Caps
-from anyverse.media import save_video
 from anyverse.openai_parts import (
     Encoded,
     MediaSources,
@@ -38,10 +37,6 @@ def wav_bytes(seconds: float = 0.2, rate: int = 16000) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, 0.3 * np.sin(np.arange(int(seconds * rate)) / 5.0), rate, format="WAV")
     return buf.getvalue()
-
-
-def mp4_bytes(tmp_path: Path) -> bytes:
-    return save_video(np.full((4, 16, 16, 3), 0.5, np.float32), 8, tmp_path / "video").path.read_bytes()
 
 
 def data_url(data: bytes, mime: str) -> str:
@@ -72,14 +67,14 @@ def refused(messages: list, sources: MediaSources, status: int, *words: str) -> 
 
 
 def test_every_content_part_becomes_validated_media_with_session_ids(sources: MediaSources,
-                                                                       tmp_path: Path) -> None:
+                                                                       sample_media: dict[str, bytes]) -> None:
     wav = base64.b64encode(wav_bytes()).decode()
     messages = [
         {"role": "developer", "content": "be brief"},
         user(text("look at these"),
              {"type": "image_url", "image_url": {"url": data_url(png_bytes(), "image/png"), "detail": "low"}},
              {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
-             {"type": "video_url", "video_url": {"url": data_url(mp4_bytes(tmp_path), "video/mp4")}}),
+             {"type": "video_url", "video_url": {"url": data_url(sample_media["mp4"], "video/mp4")}}),
         {"role": "assistant", "content": [{"type": "text", "text": "seen"}]},
         user({"type": "file", "file": {"file_data": data_url(png_bytes((0, 0, 255)), "image/png"),
                                        "filename": "../../etc/blue.png"}},
@@ -99,13 +94,14 @@ def test_every_content_part_becomes_validated_media_with_session_ids(sources: Me
     assert parsed.require == {Modality.IMAGE}
 
 
-def test_returned_media_round_trip_keeps_ids_and_bytes(sources: MediaSources, tmp_path: Path) -> None:
+def test_returned_media_round_trip_keeps_ids_and_bytes(sources: MediaSources, tmp_path: Path,
+                                                      sample_media: dict[str, bytes]) -> None:
     """What media_fields hands out (data URLs, or an audio id the caller resolves) reads back as the same media."""
     made = [Media(modality=m.modality, path=m.path, sha256=m.sha256, format=m.format, original_name="x", id=i)
             for m, i in ((sources_media(sources, png_bytes(), Modality.IMAGE), "img_1"),
                          (sources_media(sources, wav_bytes(), Modality.AUDIO), "aud_1"),
                          (sources_media(sources, wav_bytes(0.4), Modality.AUDIO), "aud_2"),
-                         (sources_media(sources, mp4_bytes(tmp_path), Modality.VIDEO), "vid_1"))]
+                         (sources_media(sources, sample_media["mp4"], Modality.VIDEO), "vid_1"))]
 
     def encode(media: Media) -> Encoded:
         mime = {"png": "image/png", "wav": "audio/wav", "mp4": "video/mp4"}[media.format]
@@ -176,6 +172,7 @@ def test_caps_answer_413_before_decoding(tmp_path: Path) -> None:
 
 def test_structure_errors_name_the_message(sources: MediaSources) -> None:
     refused([], sources, 422, "messages")
+    refused([{"role": "user", "content": "x"}] * 257, sources, 413, "257 messages")
     refused([{"role": "tool", "content": "x"}], sources, 400, "'tool'", "messages[0].role")
     refused(["hello"], sources, 400, "messages[0]")
     refused([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,x"}}]}], sources, 400,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from anyverse.batch.jobs import JobRef, Problem, Scan, read_lines, scan
-from anyverse.batch.store import ResultStore, read_run, write_run
+from anyverse.batch.store import Finished, ResultStore, read_run, write_run
 
 if TYPE_CHECKING:
     from anyverse.config import AnyverseConfig
@@ -94,8 +94,23 @@ def plan(options: RunOptions) -> Plan:
     if torn := store.repair():
         notes.append(f"{store.path}: cut a torn last line ({torn} bytes); that job runs again")
     finished = store.finished()
+    todo, redo = _select(checked.refs, finished, options, notes)
+    invalid = _invalid_records(checked, settings)
+    stale = {f.id for f in finished.values() if f.reason == "invalid job"} - set(invalid)
+    replaced = {ref.id for ref in todo} & redo
+    store.drop(replaced | stale)
+    write_run(options.out, manifest)
+    return Plan(scan=checked, settings=settings, batches=grouped(todo, options.batch_size),
+                invalid={k: r for k, r in invalid.items() if k not in finished},
+                finished=len(finished) - len(replaced) - len(stale), notes=notes)
+
+
+def _select(refs: list[JobRef], finished: dict[str, Finished], options: RunOptions,
+            notes: list[str]) -> tuple[list[JobRef], set[str]]:
+    """The jobs to run (new ones; failed with --retry-failed; changed with --force), and which of them replace a
+    result line."""
     todo, redo = [], set()
-    for ref in checked.refs:
+    for ref in refs:
         done = finished.get(ref.id)
         if done is not None and done.digest is not None and done.digest != ref.digest:
             if not options.force:
@@ -107,14 +122,7 @@ def plan(options: RunOptions) -> Plan:
         elif done is not None:
             redo.add(ref.id)
         todo.append(ref)
-    todo = todo[: options.limit] if options.limit is not None else todo
-    invalid = _invalid_records(checked, settings)
-    stale = {f.id for f in finished.values() if f.reason == "invalid job"} - set(invalid)
-    store.drop({ref.id for ref in todo} & redo | stale)
-    write_run(options.out, manifest)
-    return Plan(scan=checked, settings=settings, batches=grouped(todo, options.batch_size),
-                invalid={k: r for k, r in invalid.items() if k not in finished}, finished=len(finished) - len(redo),
-                notes=notes)
+    return (todo[: options.limit] if options.limit is not None else todo), redo
 
 
 def _check_manifest(old: dict[str, Any] | None, new: dict[str, Any], force: bool) -> list[str]:

@@ -55,11 +55,13 @@ def _run(jobs: Path, out: Path, root: Path | None, profile: str | None, override
         task = bar.add_task("jobs", total=chosen.total)
 
         def advance(records: list[dict[str, Any]]) -> None:
-            speed = bar.tasks[0].speed or 0.0
-            bar.update(task, advance=len(records), description=f"jobs ({speed:.2f}/s)")
+            bar.update(task, advance=len(records))
+
+        def stage(name: str) -> None:
+            bar.update(task, description=f"jobs ({bar.tasks[0].speed or 0.0:.2f}/s, {name})")
 
         try:
-            outcome = execute(options, chosen, advance)
+            outcome = execute(options, chosen, advance, stage)
         except KeyboardInterrupt:
             typer.echo(f"anyverse: abandoned the batch in flight; finished results are kept. {hint}", err=True)
             raise typer.Exit(130) from None

@@ -167,8 +167,10 @@ def grouped(refs: list[JobRef], batch_size: int) -> list[list[JobRef]]:
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def execute(options: RunOptions, chosen: Plan, on_results: Callable[[list[dict[str, Any]]], None]) -> Outcome:
-    """Run the plan's batches, appending each batch's results as it finishes."""
+def execute(options: RunOptions, chosen: Plan, on_results: Callable[[list[dict[str, Any]]], None],
+            on_stage: Callable[[str], None] | None = None) -> Outcome:
+    """Run the plan's batches, appending each batch's results as it finishes; ``on_stage`` hears the local
+    engine's phases (encode, decode, generate) as they start."""
     store = ResultStore(options.out)
     store.append(chosen.invalid.values())
     outcome = Outcome()
@@ -186,12 +188,13 @@ def execute(options: RunOptions, chosen: Plan, on_results: Callable[[list[dict[s
 
             run_ray(chosen, options, write, interrupts.requested)
         else:
-            run_local(chosen, write, interrupts.requested)
+            run_local(chosen, write, interrupts.requested, on_stage)
         outcome.stopped = interrupts.requested.is_set()
     return outcome
 
 
-def run_local(chosen: Plan, write: Callable[[list[dict[str, Any]]], None], stop: threading.Event) -> None:
+def run_local(chosen: Plan, write: Callable[[list[dict[str, Any]]], None], stop: threading.Event,
+              on_stage: Callable[[str], None] | None = None) -> None:
     """One worker in this process: models load once, batches run in order until done or asked to stop."""
     from anyverse.batch.worker import Worker
 
@@ -201,7 +204,7 @@ def run_local(chosen: Plan, write: Callable[[list[dict[str, Any]]], None], stop:
     for batch in chosen.batches:
         if stop.is_set():
             return
-        write(worker.run(read_lines(chosen.scan.path, [(ref.line, ref.offset) for ref in batch])))
+        write(worker.run(read_lines(chosen.scan.path, [(ref.line, ref.offset) for ref in batch]), on_stage))
 
 
 def _status(record: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,14 @@ class Worker:
         self.settings = settings
         self.session = _session(settings)
 
-    def run(self, lines: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    def run(self, lines: list[tuple[int, str]], on_stage: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        """``on_stage`` hears each phase's name as it starts (a progress line)."""
         jobs = [self._prepare(line, text) for line, text in lines]
         for phase in (self._encode, self._decode, self._generate):
             tick = time.perf_counter()
             live = [job for job in jobs if job.live]
+            if on_stage is not None:
+                on_stage(phase.__name__.strip("_"))
             if live:
                 phase(live)
             for job in live:

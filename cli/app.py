@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from anyverse.cli.batch import batch_app
 from anyverse.cli.data import data_app
 from anyverse.cli.errors import fail_cleanly
 from anyverse.cli.eval import eval_app
 from anyverse.cli.logs import logs_app
+from anyverse.cli.options import Device, Dtype, Mode, Overrides, Profile, Seed
+from anyverse.cli.options import config_overrides as _overrides
 from anyverse.cli.train import train_app
 
 app = typer.Typer(help="Any-to-any multimodal assistant: chat in text, image, audio and video.",
@@ -28,29 +31,18 @@ app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
 app.add_typer(logs_app, name="logs")
+app.add_typer(batch_app, name="batch")
 
-Profile = Annotated[str | None, typer.Option(
-    "--profile", "-p", help="profile name (tiny, toyworld, default) or a YAML config file [default: tiny]")]
-Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
 Attach = Annotated[list[str] | None, typer.Option(
     "--attach", "-a", help="media file (repeatable); prefix depth: or thermal: for those image kinds")]
-Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
-Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
-Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turns.jsonl")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
-Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
 Require = Annotated[list[str] | None, typer.Option(help="the reply must make this modality (repeatable)")]
 Continue = Annotated[bool, typer.Option("--continue", "-c", help="continue the latest logged conversation")]
 Cid = Annotated[str | None, typer.Option("--cid", help="continue the logged conversation with this id")]
 NoLog = Annotated[bool, typer.Option("--no-log", help="keep nothing on disk: no conversation log, no input history")]
 Checkpoint = Annotated[Path | None, typer.Option(
     help="trained checkpoint (or run directory: its newest) to use instead of --profile")]
-
-
-def _overrides(overrides: list[str] | None, device: str | None, dtype: str | None, mode: str | None) -> list[str]:
-    extra = [f"runtime.device={device}"] * bool(device) + [f"runtime.dtype={dtype}"] * bool(dtype)
-    return [*(overrides or []), *extra, *([f"output.mode={mode}"] if mode else [])]
 
 
 def _session(profile: str, overrides: list[str], out: Path, checkpoint: Path | None = None):

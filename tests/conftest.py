@@ -47,3 +47,11 @@ def sample_media(inputs: dict[str, Path]) -> dict[str, bytes]:
     """The same files as bytes, for API-style inputs: ``png``, ``wav`` and ``mp4``."""
     return {"png": inputs["image"].read_bytes(), "wav": inputs["audio"].read_bytes(),
             "mp4": inputs["video"].read_bytes()}
+
+
+@pytest.fixture(scope="session")
+def batch_media(inputs: dict[str, Path]) -> dict[str, Path]:
+    """``inputs`` plus a corrupt PNG beside them (batch jobs name their inputs relative to that folder)."""
+    broken = inputs["image"].parent / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return {**inputs, "corrupt": broken}

@@ -1,0 +1,22 @@
+"""Options several commands share (``anyverse run/chat/...`` and ``anyverse batch ...``), declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Profile = Annotated[str | None, typer.Option(
+    "--profile", "-p", help="profile name (tiny, toyworld, default) or a YAML config file [default: tiny]")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
+Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
+Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
+Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
+Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
+
+
+def config_overrides(overrides: list[str] | None, device: str | None, dtype: str | None,
+                     mode: str | None) -> list[str]:
+    """``--set`` values plus the config keys the shortcut options stand for."""
+    extra = [f"runtime.device={device}"] * bool(device) + [f"runtime.dtype={dtype}"] * bool(dtype)
+    return [*(overrides or []), *extra, *([f"output.mode={mode}"] if mode else [])]

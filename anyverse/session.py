@@ -194,16 +194,25 @@ class Anyverse:
     # ---- a turn ---------------------------------------------------------------------------------------------
 
     def context(self, history: list[Message]) -> Context:
-        """Render ``history``, dropping the oldest turns if it would not fit the context window."""
+        """Render ``history``, dropping the oldest exchanges if it would not fit the context window (a binary
+        search over where the kept part starts, so a long history costs a few renders, not one per message)."""
         budget = self.config.llm.max_context_tokens - self.config.llm.max_new_tokens
-        while True:
-            context = self.model.render(history, self.config.output.mode)
-            if len(context.ids) <= budget or len(history) <= 1:
-                break
-            history = history[1:]
-        if len(context.ids) > budget:
+        context = self.model.render(history, self.config.output.mode)
+        if len(context.ids) <= budget:  # the usual case: everything fits
+            return context
+        starts = [i for i, m in enumerate(history) if m.role == "user" or i == len(history) - 1][1:] or [0]
+        low, high = 0, len(starts) - 1
+        fitting: Context | None = None
+        while low <= high:  # the smallest start whose rendering fits
+            mid = (low + high) // 2
+            context = self.model.render(history[starts[mid] :], self.config.output.mode)
+            if len(context.ids) <= budget:
+                fitting, high = context, mid - 1
+            else:
+                low = mid + 1
+        if fitting is None:
             raise ValueError(f"message: {len(context.ids)} tokens do not fit the {budget}-token context budget")
-        return context
+        return fitting
 
     def stream(self, text: str, attachments: Sequence[Attachment] = (), *, require: Require = None,
                seed: int | None = None, options: dict[str, Any] | None = None,
@@ -409,11 +418,10 @@ class Anyverse:
         media = saved.with_id(next_id(saved.modality, history, made))
         return MediaProduced(media=media, request=request, seconds=time.perf_counter() - tick)
 
-    def _make(self, request: MediaRequest, known: dict[str, Media], progress: Progress | None,
-              cancel: threading.Event | None) -> GeneratedMedia:
-        """Route ``request`` to its generator (recorded in ``request.generator``), check its options with that
-        plugin's ``Options`` before anything loads, and run it. An editor given no source edits the latest media
-        it accepts."""
+    def plan(self, request: MediaRequest, known: dict[str, Media]) -> tuple[str, GeneratedMedia | None]:
+        """Route ``request`` to a configured generator (recorded in ``request.generator``), check its options with
+        that plugin's ``Options`` before anything loads, and decode the media it edits (``known`` by id; an editor
+        given no source edits the latest media it accepts). What batch and serve share with a turn."""
         source = known.get(request.source) if request.source else None
         if request.source and source is None:
             raise ValueError(f"unknown media id {request.source!r}")
@@ -423,9 +431,13 @@ class Anyverse:
             source = next((m for m in reversed(known.values()) if m.modality in generator.accepts_source), None)
         validate_options(generator.Options, request.options.model_dump(exclude_none=True), name)
         request.generator = name
-        decoded = self._source(request, source, generator.accepts_source)
+        return name, self._source(request, source, generator.accepts_source)
+
+    def _make(self, request: MediaRequest, known: dict[str, Media], progress: Progress | None,
+              cancel: threading.Event | None) -> GeneratedMedia:
+        name, source = self.plan(request, known)
         with quiet_libraries():
-            return self.generators.get(name).generate([request], [decoded], progress, cancel)[0]
+            return self.generators.get(name).generate([request], [source], progress, cancel)[0]
 
     def _source(self, request: MediaRequest, media: Media | None, accepted: frozenset[Modality],
                 ) -> GeneratedMedia | None:

@@ -87,7 +87,7 @@ def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), mod
     limited to ``modalities`` when given (a reply that must make a video), ``generator`` to ``generators`` (the
     configured names and capabilities; none: the field is left out) and ``options`` to the JSON schema ``options``
     (the configured plugins' fields; default: the uniform options only)."""
-    schema: dict[str, Any] = MetaResponse.model_json_schema()
+    schema: dict[str, Any] = json.loads(_meta_schema())  # a fresh copy to edit
     props = schema["properties"]
     if modalities:
         props["modality"]["enum"] = list(modalities)
@@ -100,6 +100,12 @@ def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), mod
     option_schema = json.loads(options) if options else {**schema["$defs"]["RequestOptions"]}
     schema["$defs"]["RequestOptions"] = {**option_schema, "additionalProperties": False}
     return json.dumps(schema)
+
+
+@lru_cache(maxsize=1)
+def _meta_schema() -> str:
+    """pydantic's schema of MetaResponse, built once (it costs milliseconds, and the media ids change every turn)."""
+    return json.dumps(MetaResponse.model_json_schema())
 
 
 def validate_meta(raw: str, max_prompt_chars: int) -> MediaRequest:

@@ -12,12 +12,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from anyverse.cli.batch import batch_app
 from anyverse.cli.data import data_app
 from anyverse.cli.errors import fail_cleanly
 from anyverse.cli.eval import eval_app
 from anyverse.cli.generators import generators_app
 from anyverse.cli.logs import logs_app
-from anyverse.cli.options import Generator, GeneratorOptions, Json, Overrides, Profile, parse_options
+from anyverse.cli.options import (
+    Device,
+    Dtype,
+    Generator,
+    GeneratorOptions,
+    Json,
+    Mode,
+    Overrides,
+    Profile,
+    Seed,
+    parse_options,
+)
+from anyverse.cli.options import config_overrides as _overrides
 from anyverse.cli.train import train_app
 
 app = typer.Typer(help="Any-to-any multimodal assistant: chat in text, image, audio and video.",
@@ -31,25 +44,17 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
 app.add_typer(logs_app, name="logs")
 app.add_typer(generators_app, name="generators")
+app.add_typer(batch_app, name="batch")
 
 Attach = Annotated[list[str] | None, typer.Option(
     "--attach", "-a", help="media file (repeatable); prefix depth: or thermal: for those image kinds")]
-Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
-Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
-Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turns.jsonl")]
-Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
 Require = Annotated[list[str] | None, typer.Option(help="the reply must make this modality (repeatable)")]
 Continue = Annotated[bool, typer.Option("--continue", "-c", help="continue the latest logged conversation")]
 Cid = Annotated[str | None, typer.Option("--cid", help="continue the logged conversation with this id")]
 NoLog = Annotated[bool, typer.Option("--no-log", help="keep nothing on disk: no conversation log, no input history")]
 Checkpoint = Annotated[Path | None, typer.Option(
     help="trained checkpoint (or run directory: its newest) to use instead of --profile")]
-
-
-def _overrides(overrides: list[str] | None, device: str | None, dtype: str | None, mode: str | None) -> list[str]:
-    extra = [f"runtime.device={device}"] * bool(device) + [f"runtime.dtype={dtype}"] * bool(dtype)
-    return [*(overrides or []), *extra, *([f"output.mode={mode}"] if mode else [])]
 
 
 def _session(profile: str, overrides: list[str], out: Path, checkpoint: Path | None = None):
@@ -228,6 +233,36 @@ def generate(
                **({"steps": steps} if steps is not None else {})}
     made = session.generate(prompt, modality=_modality(modality), generator=generator, source=source, options=options)
     typer.echo(made.model_dump_json() if as_json else str(made.media.path))
+
+
+@app.command()
+@fail_cleanly
+def serve(
+    profile: Profile = "tiny",
+    overrides: Overrides = None,
+    checkpoint: Checkpoint = None,
+    out: Out = Path("anyverse-out"),
+    host: Annotated[str, typer.Option(help="address to bind; other than loopback needs an API key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="ANYVERSE_API_KEY", help="required Bearer key")] = None,
+    served_model_name: Annotated[str, typer.Option(help="the model name clients ask for")] = "anyverse",
+    max_queue: Annotated[int, typer.Option(min=1, help="requests that may wait; more get 429")] = 16,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 64.0,
+    media_ttl: Annotated[float, typer.Option(min=1, help="seconds media URLs and audio ids stay valid")] = 3600.0,
+    allow_remote_media: Annotated[bool, typer.Option(help="fetch http(s) media URLs (size and time capped)")] = False,
+    device: Device = None,
+    dtype: Dtype = None,
+    mode: Mode = None,
+) -> None:
+    """OpenAI-compatible server: /v1/chat/completions (media in and out), /v1/images/*, /v1/models, /health."""
+    from anyverse.serve import check_host, run, settings
+
+    check_host(host, api_key)
+    server = settings(profile or "tiny", _overrides(overrides, device, dtype, mode), checkpoint, out,
+                      served_model_name=served_model_name, api_key=api_key, max_queue=max_queue,
+                      max_body_mb=max_body_mb, media_ttl=media_ttl, allow_remote_media=allow_remote_media)
+    typer.echo(f"anyverse: serving {served_model_name!r} at http://{host}:{port}/v1", err=True)
+    run(server, host, port)
 
 
 @debug_app.command("parse")

@@ -1,4 +1,4 @@
-"""Command-line options shared by several commands (and sub-apps), declared once."""
+"""Options several commands share (``anyverse run/chat/...`` and ``anyverse batch ...``), declared once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import typer
 Profile = Annotated[str | None, typer.Option(
     "--profile", "-p", help="profile name (tiny, toyworld, default) or a YAML config file [default: tiny]")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
+Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
+Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
+Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
+Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
 Generator = Annotated[str | None, typer.Option(
     "--generator", "-g", help="a configured generator, a plugin, or a capability (generate, edit, speech)")]
@@ -16,8 +20,15 @@ GeneratorOptions = Annotated[list[str] | None, typer.Option(
     "--option", help="generator option key=value (repeatable), validated by the plugin, e.g. strength=0.8")]
 
 
+def config_overrides(overrides: list[str] | None, device: str | None, dtype: str | None,
+                     mode: str | None) -> list[str]:
+    """``--set`` values plus the config keys the shortcut options stand for."""
+    extra = [f"runtime.device={device}"] * bool(device) + [f"runtime.dtype={dtype}"] * bool(dtype)
+    return [*(overrides or []), *extra, *([f"output.mode={mode}"] if mode else [])]
+
+
 def parse_options(pairs: list[str] | None) -> dict[str, object]:
-    """``key=value`` pairs, each value read as YAML (numbers, booleans, strings)."""
+    """``--option key=value`` pairs, each value read as YAML (numbers, booleans, strings)."""
     import yaml
 
     options: dict[str, object] = {}

@@ -40,3 +40,18 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "audio": save_audio(tone, 16000, folder).path,
         "video": save_video(rng.random((8, 32, 32, 3)), 8, folder).path,
     }
+
+
+@pytest.fixture(scope="session")
+def sample_media(inputs: dict[str, Path]) -> dict[str, bytes]:
+    """The same files as bytes, for API-style inputs: ``png``, ``wav`` and ``mp4``."""
+    return {"png": inputs["image"].read_bytes(), "wav": inputs["audio"].read_bytes(),
+            "mp4": inputs["video"].read_bytes()}
+
+
+@pytest.fixture(scope="session")
+def batch_media(inputs: dict[str, Path]) -> dict[str, Path]:
+    """``inputs`` plus a corrupt PNG beside them (batch jobs name their inputs relative to that folder)."""
+    broken = inputs["image"].parent / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return {**inputs, "corrupt": broken}

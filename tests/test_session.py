@@ -96,3 +96,15 @@ def test_media_of_a_history_is_derived_not_stored(session: Anyverse) -> None:
     item = Media(modality=Modality.AUDIO, path=Path("x.wav"), sha256="0" * 64, format="wav", original_name="x.wav")
     session.history = [Message(role="user", media=[item.with_id("aud_4")])]
     assert list(session.media) == ["aud_4"] and next_id(Modality.AUDIO, session.history) == "aud_5"
+
+
+def test_a_long_history_keeps_its_newest_exchanges_that_fit(session: Anyverse) -> None:
+    history = [Message(role=role, text=f"{role} message number {i} " * 8) for i in range(200)
+               for role in ("user", "assistant")] + [Message(role="user", text="the question")]
+    context = session.context(history)
+    budget = session.config.llm.max_context_tokens - session.config.llm.max_new_tokens
+    assert len(context.ids) <= budget
+    assert "the question" in context.text and "number 199" in context.text and "number 0 " not in context.text
+    kept = context.text.count("user message number")
+    longer = session.model.render(history[-2 * kept - 3 :], session.config.output.mode)
+    assert len(longer.ids) > budget  # one more exchange would not have fit

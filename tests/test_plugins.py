@@ -188,6 +188,19 @@ def test_run_generator_steers_a_full_turn(tmp_path: Path) -> None:
     assert media and media[0]["request"]["generator"] == "vits" and media[0]["media"]["format"] == "wav"
 
 
+def test_batch_job_options_reach_the_plugin_and_a_bad_one_fails_only_its_job(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"id": "good", "prompt": "draw", "outputs": ["image"], "options": {"image": {"strength": 0.9}}},
+             {"id": "bad", "prompt": "draw", "outputs": ["image"], "options": {"image": {"strenght": 0.9}}}]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = runner.invoke(app, ["batch", "run", str(jobs), "--out", str(tmp_path / "out"), "--mode", "signal"])
+    assert result.exit_code == 0, result.output
+    got = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    image = next(m for m in got["good"]["media"] if m["modality"] == "image")
+    assert got["good"]["status"] == "ok" and image["request"]["options"]["strength"] == 0.9
+    assert got["bad"]["status"] == "failed" and "'image'" in got["bad"]["error"] and "strenght" in got["bad"]["error"]
+
+
 # ---------------------------------------------------------------- the protocol: batches, progress, cancel
 
 

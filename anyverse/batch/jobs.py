@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from anyverse.config import Caps
-from anyverse.types import GenerationOptions, Message, Modality
+from anyverse.types import GenerationOptions, Message, Modality, RequestOptions
 
 Format = Literal["anyverse", "openai"]
 OutputName = Literal["text", "image", "audio", "video"]
@@ -33,9 +33,9 @@ OPENAI_URLS = ("/v1/chat/completions", "/chat/completions")
 class JobOptions(GenerationOptions):
     """Generation options for every request the job makes, with per-modality ones on top."""
 
-    image: GenerationOptions | None = None
-    audio: GenerationOptions | None = None
-    video: GenerationOptions | None = None
+    image: RequestOptions | None = None  # plugin-specific keys too; the chosen generator's Options checks them
+    audio: RequestOptions | None = None
+    video: RequestOptions | None = None
 
     def for_modality(self, modality: Modality) -> dict[str, Any]:
         """The options of one output modality: the job-wide ones overridden by that modality's."""

@@ -389,6 +389,7 @@ class Anyverse:
         tick = time.perf_counter()
         updates: queue.Queue[MediaProgress | None] = queue.Queue()
         outcome: dict[str, Any] = {}
+        stop = stop or threading.Event()
 
         def progress(step: int, total: int) -> None:
             updates.put(MediaProgress(index=index, modality=request.modality, step=step, total=total))
@@ -403,9 +404,13 @@ class Anyverse:
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        while (update := updates.get()) is not None:
-            yield update
-        worker.join()
+        try:
+            while (update := updates.get()) is not None:
+                yield update
+        finally:  # also when the consumer stops early (Ctrl-C, a client gone): cancel, and free the generator
+            if worker.is_alive():
+                stop.set()
+            worker.join()
         try:
             if "error" in outcome:
                 raise outcome["error"]

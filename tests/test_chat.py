@@ -170,6 +170,7 @@ def test_the_terminal_repl(home: Path, inputs: dict[str, Path]) -> None:
     env = {**os.environ, "ANYVERSE_HOME": str(home), "TERM": "dumb"}
     command = ["-m", "anyverse.cli.app", "chat", "--seed", "0", "--mode", "signal"]
     child = pexpect.spawn(sys.executable, command, env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
+    child.logfile_read = open(home.parent / "tty.log", "w")  # noqa: SIM115
     try:
         child.expect("anyverse chat")
         child.expect("> ")

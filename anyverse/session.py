@@ -392,7 +392,8 @@ class Anyverse:
         stop = stop or threading.Event()
 
         def progress(step: int, total: int) -> None:
-            updates.put(MediaProgress(index=index, modality=request.modality, step=step, total=total))
+            updates.put(MediaProgress(index=index, modality=request.modality, generator=request.generator, step=step,
+                                      total=total))
 
         def work() -> None:
             try:

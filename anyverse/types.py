@@ -141,6 +141,7 @@ class MediaProgress(BaseModel):
     kind: Literal["progress"] = "progress"
     index: int = Field(description="order of the request within the reply")
     modality: Modality
+    generator: str | None = None
     step: int
     total: int
 

@@ -143,7 +143,8 @@ class TerminalIO:
         elif isinstance(event, MediaRequested):
             print_(f"\n[dim]{event.request.modality.value} requested[/dim]", end="")
         elif isinstance(event, MediaProgress):
-            print_(f"\r{event.modality.value} · step {event.step}/{event.total}", end="", markup=False)
+            name = " · ".join(dict.fromkeys(filter(None, [event.modality.value, event.generator])))
+            print_(f"\r{name} · step {event.step}/{event.total}", end="", markup=False)
             self.progress = True
         elif isinstance(event, MediaProduced):
             path = event.media.path

@@ -227,8 +227,9 @@ def test_a_turn_streams_generator_progress_before_the_media(session: Anyverse, l
     llm_says('<|request|>{"modality": "image", "prompt": "a cat", "options": {"steps": 3}}<|/request|>')
     events = list(session.stream("draw a cat", seed=0))
     kinds = [e.kind for e in events]
-    progress = [(e.index, e.step, e.total) for e in events if isinstance(e, MediaProgress)]
-    assert progress == [(0, 1, 3), (0, 2, 3), (0, 3, 3)]
+    progress = [(e.index, e.generator, e.step, e.total) for e in events if isinstance(e, MediaProgress)]
+    ran = next(e for e in events if e.kind == "media").request.generator
+    assert ran and progress == [(0, ran, step, 3) for step in (1, 2, 3)]
     assert kinds.index("progress") > kinds.index("request") and kinds.index("media") > kinds.index("progress")
 
 

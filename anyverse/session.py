@@ -20,7 +20,7 @@ import torch
 
 from anyverse.checkpoint import checkpoint_config
 from anyverse.config import AnyverseConfig, anyverse_home, load_config
-from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor
+from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor, request_closer
 from anyverse.devices import resolve_device, resolve_dtype
 from anyverse.encoders.imagebind import check_encoder_weights
 from anyverse.llm import check_llm_weights
@@ -213,8 +213,9 @@ class Anyverse:
                 raise ValueError("output.constrained=xgrammar but xgrammar is not installed")
             if grammar is not None:
                 processors.append(grammar)
+        closer = request_closer(self.model.llm, out.max_prompt_chars, tuple(self.media), require) if grammar else None
         processors.append(RequestConstraints(self.model.llm, out.mode, llm_cfg.max_new_tokens, require,
-                                             self._meta_reserve))
+                                             self._meta_reserve, closer))
         stream = GenerationStream(self.model.llm, embeds, processors, llm_cfg.max_new_tokens,
                                   llm_cfg.temperature, llm_cfg.top_p, seed)
         for piece in stream:

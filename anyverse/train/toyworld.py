@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -205,6 +206,41 @@ def _video(a: dict[str, str], rng: np.random.Generator) -> np.ndarray:
     return np.stack([np.asarray(_draw(a["shape"], colour, start[0] + dx * s, start[1] + dy * s, r)) for s in steps])
 
 
+def render(modality: Modality, attributes: dict[str, str], rng: np.random.Generator) -> np.ndarray:
+    """One toy-world item with these attributes: image uint8 [H,W,3], video uint8 [F,H,W,3], audio float32 [N]."""
+    if modality == IMAGE:
+        return np.asarray(_image(attributes, rng))
+    return _audio(attributes, rng) if modality == AUDIO else _video(attributes, rng)
+
+
+def read_caption(modality: Modality, text: str) -> dict[str, str]:
+    """The attributes a text names, by whole words; where it names several values of one, the last one."""
+    words = f" {' '.join(re.sub(r'[^a-z]+', ' ', text.lower()).split())} "
+    found = {}
+    for key, values in VOCABULARY[modality].items():
+        spots = [(words.rfind(f" {v} "), v) for v in values if f" {v} " in words]
+        if spots:
+            found[key] = max(spots)[1]
+    return found
+
+
+def read_image(pixels: np.ndarray) -> dict[str, str]:
+    """Attributes of a toy-world image, read back from its pixels [H,W,3] in [0,1]: the nearest colour, the
+    quadrant of the shape's centre, and the shape from how much of its bounding box it fills."""
+    rgb = pixels * 255.0
+    mask = np.abs(rgb - np.array(BACKGROUND)).sum(-1) > 60
+    if not mask.any():
+        return {}
+    ys, xs = np.nonzero(mask)
+    mean = rgb[mask].mean(0)
+    colour = min(COLOURS, key=lambda c: float(np.abs(np.array(COLOURS[c]) - mean).sum()))
+    fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    shape = "triangle" if fill < 0.65 else "circle" if fill < 0.9 else "square"
+    height, width = mask.shape
+    vertical = "top" if ys.mean() < height / 2 else "bottom"
+    return {"shape": shape, "colour": colour, "position": f"{vertical} {'left' if xs.mean() < width / 2 else 'right'}"}
+
+
 def _write_media(directory: Path, modality: Modality, n: int, seed: int, pretrain: bool = False) -> list[Item]:
     """Render n items and place them as media/<modality>/<index>.<ext> (the writers name by hash; we rename); with
     ``pretrain``, n encoder-pretraining items in media/pretrain-<modality>/ from a stream of their own."""
@@ -216,12 +252,13 @@ def _write_media(directory: Path, modality: Modality, n: int, seed: int, pretrai
     items = []
     for index, attributes in enumerate(_sample(modality, n, rng, pretrain)):
         media: Media
+        data = render(modality, attributes, rng)
         if modality == IMAGE:
-            media = save_image(_image(attributes, rng), out_dir)
+            media = save_image(data, out_dir)
         elif modality == AUDIO:
-            media = save_audio(_audio(attributes, rng), SAMPLE_RATE, out_dir)
+            media = save_audio(data, SAMPLE_RATE, out_dir)
         else:
-            media = save_video(_video(attributes, rng), FPS, out_dir)
+            media = save_video(data, FPS, out_dir)
         name = f"{index:06d}{media.path.suffix}"
         os.replace(media.path, out_dir / name)
         items.append(Item(modality, f"media/{folder}/{name}", attributes))

@@ -1,0 +1,97 @@
+"""The toy world's own renderers as generators: a toy caption in, the toy world's image, sound or clip out.
+
+So the toyworld profile's replies are meaningful media the model can caption back. A prompt is read for the
+attributes it names (the rest come from the source image when editing one, else from the seed); signal-mode
+conditioning picks the toy caption whose conditioning (a multi-hot of its attribute words) is nearest.
+Written against the one-request ``generate(request, source)`` protocol.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from anyverse.config import GeneratorConfig
+from anyverse.plugins import GeneratedMedia, check_conditioning, check_source, validate_options
+from anyverse.train import toyworld
+from anyverse.types import GenerationOptions, MediaRequest, Modality
+
+CONDITIONING = "attributes"
+
+
+class ToyWorldGenerator:
+    """Renders toy-world items; no weights, nothing to load."""
+
+    name: ClassVar[str] = "toyworld-image"
+    modality: ClassVar[Modality] = Modality.IMAGE
+    Options: ClassVar[type[GenerationOptions]] = GenerationOptions
+    accepts_source: ClassVar[frozenset[Modality]] = frozenset({Modality.IMAGE})
+
+    def __init__(self, config: GeneratorConfig, device: torch.device, dtype: torch.dtype):
+        self.defaults = validate_options(GenerationOptions, config.options, self.name)
+        self.vocabulary = toyworld.VOCABULARY[self.modality]
+        self.words = [(key, value) for key, values in self.vocabulary.items() for value in values]
+        self.captions = [dict(zip(self.vocabulary, combo, strict=True))
+                         for combo in itertools.product(*self.vocabulary.values())]
+        self._targets = self._encode(self.captions)
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    def check_weights(self) -> None:
+        pass
+
+    def load(self) -> None:
+        pass
+
+    def unload(self) -> None:
+        pass
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+        return {CONDITIONING: (1, len(self.words))}
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {CONDITIONING: self._encode([toyworld.read_caption(self.modality, p) for p in prompts])}
+
+    def _encode(self, attributes: list[dict[str, str]]) -> torch.Tensor:
+        """[B, 1, words]: 1 where the caption names that attribute value."""
+        return torch.tensor([[[float(a.get(k) == v) for k, v in self.words]] for a in attributes])
+
+    def generate(self, request: MediaRequest, source: GeneratedMedia | None = None) -> GeneratedMedia:
+        check_source(self, source)
+        seed = request.options.seed if request.options.seed is not None else self.defaults.seed
+        rng = np.random.default_rng(seed)
+        attributes = {**(toyworld.read_image(source.data) if source is not None else {}), **self._named(request)}
+        for key, values in self.vocabulary.items():  # what the request leaves open
+            attributes.setdefault(key, str(rng.choice(values)))
+        data = toyworld.render(self.modality, attributes, rng)
+        if self.modality == Modality.AUDIO:
+            return GeneratedMedia(self.modality, data, sample_rate=toyworld.SAMPLE_RATE)
+        return GeneratedMedia(self.modality, data.astype(np.float32) / 255.0, fps=toyworld.FPS)
+
+    def _named(self, request: MediaRequest) -> dict[str, str]:
+        """The attributes the prompt names, or the nearest toy caption to signal-mode conditioning."""
+        if request.conditioning is not None:
+            projected = check_conditioning(request.conditioning, self.conditioning_spec(), self.name)[CONDITIONING]
+            distances = ((self._targets - projected.detach().float().cpu()) ** 2).sum((1, 2))
+            return self.captions[int(distances.argmin())]
+        return toyworld.read_caption(self.modality, request.prompt or "")
+
+
+class ToyWorldAudio(ToyWorldGenerator):
+    name: ClassVar[str] = "toyworld-audio"
+    modality: ClassVar[Modality] = Modality.AUDIO
+    accepts_source: ClassVar[frozenset[Modality]] = frozenset()
+
+
+class ToyWorldVideo(ToyWorldGenerator):
+    name: ClassVar[str] = "toyworld-video"
+    modality: ClassVar[Modality] = Modality.VIDEO
+    accepts_source: ClassVar[frozenset[Modality]] = frozenset()

@@ -80,6 +80,8 @@ class InputProjectorConfig(Strict):
 
 
 class OutputProjectorConfig(Strict):
+    kind: Literal["query", "textfc"] = Field(
+        default="query", description="query: anyverse's standardised query decoder; textfc: NExT-GPT's TextFcLayer")
     linear_rank: int = Field(default=0, ge=0, description="rank of a linear path beside the transformer; 0: none")
     d_model: int = Field(default=512, gt=0)
     encoder_layers: int = Field(default=2, ge=0)
@@ -103,6 +105,16 @@ class LLMConfig(Component):
     temperature: float = Field(default=0.7, ge=0.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     system_prompt: str = Field(default="v1", description="version folder under prompts/")
+    prompt_format: Literal["chat", "nextgpt"] = Field(
+        default="chat", description="chat: the tokenizer's chat template with anyverse's markers; nextgpt: NExT-GPT's "
+        "Vicuna v0 prompt and added tokens (see anyverse/nextgpt.py)")
+    added_tokens: str | None = Field(default=None, description="nextgpt: the converted checkpoint's added_tokens.json")
+
+    @model_validator(mode="after")
+    def _nextgpt_tokens(self) -> LLMConfig:
+        if (self.prompt_format == "nextgpt") != (self.added_tokens is not None):
+            raise ValueError("llm.added_tokens is set exactly when llm.prompt_format is nextgpt")
+        return self
 
 
 class OutputConfig(Strict):
@@ -158,6 +170,8 @@ class AnyverseConfig(Strict):
         bad = [m.value for m in self.generators if m not in OUTPUT_MODALITIES]
         if bad:
             raise ValueError(f"generators: no generator can produce {bad}")
+        if self.llm.prompt_format == "nextgpt" and self.output.mode != "signal":
+            raise ValueError("llm.prompt_format nextgpt asks for media with signal tokens; set output.mode: signal")
         return self
 
     def input_projector(self, modality: Modality) -> InputProjectorConfig:
@@ -165,6 +179,11 @@ class AnyverseConfig(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved config: records name it instead of repeating the whole config."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def anyverse_home() -> Path:

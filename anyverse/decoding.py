@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from anyverse.completion import Incomplete, shortest_completion
@@ -32,12 +32,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RequestConstraints(LogitsProcessor):
-    """Token-level rules for one reply. ``require``: a modality whose request the reply must contain."""
+    """Token-level rules for one reply. ``require``: modalities the reply must make, one request each."""
 
     llm: LoadedLLM
     mode: str
     max_new_tokens: int
-    require: Modality | None = None
+    require: frozenset[Modality] = frozenset()
     meta_reserve: int = 0
     closer: RequestCloser | None = None
     _ids: dict[str, int] = field(default_factory=dict)
@@ -69,7 +69,7 @@ class RequestConstraints(LogitsProcessor):
             scores[row, self._never] = float("-inf")
             if self.mode == "signal":
                 scores[row, self._later_signals] = float("-inf")
-            if self.require is not None and not self._has_request(ids):
+            if self._missing(ids):
                 scores[row, self.llm.stop_ids] = float("-inf")
             self._keep_closable(scores[row], ids)
             if not torch.isfinite(scores[row]).any():  # the rules conflict with a grammar: the grammar wins
@@ -83,8 +83,9 @@ class RequestConstraints(LogitsProcessor):
                 for k in range(len(run) - 1, 0, -1):
                     if len(ids) >= k and ids[-k:] == run[:k]:
                         return run[k]
-            if self.require is not None and not self._has_request(ids) and remaining <= len(self._runs[self.require]):
-                return self._runs[self.require][0]
+            missing = self._missing(ids)
+            if missing and remaining <= sum(len(self._runs[m]) for m in missing):
+                return self._runs[missing[0]][0]
             return None
         body = self._open_request(ids)
         if body is not None:
@@ -92,7 +93,7 @@ class RequestConstraints(LogitsProcessor):
             if plan is not None and remaining <= len(plan):  # the budget left is what closing takes: close
                 return plan[0]
             return self._ids[REQUEST_CLOSE] if plan is None and remaining <= 1 else None
-        if self.require is not None and not self._has_request(ids) and remaining <= self.meta_reserve:
+        if remaining <= self.meta_reserve * len(self._missing(ids)):
             return self._ids[REQUEST_OPEN]
         return None
 
@@ -127,11 +128,13 @@ class RequestConstraints(LogitsProcessor):
             return None
         return ids[opens[-1] + 1 :]
 
-    def _has_request(self, ids: list[int]) -> bool:
-        """Whether the reply already asked for the required modality (meta: the grammar pins the modality)."""
+    def _missing(self, ids: list[int]) -> list[Modality]:
+        """Required modalities the reply has not asked for yet (meta: the grammar limits requests to the required
+        modalities, so each request made counts for one of them)."""
+        required = sorted(self.require)
         if self.mode == "signal":
-            return self.require is not None and self._runs[self.require][0] in ids
-        return self._ids[REQUEST_OPEN] in ids
+            return [m for m in required if self._runs[m][0] not in ids]
+        return required[ids.count(self._ids[REQUEST_OPEN]):]
 
 
 _CANDIDATES = 8  # tokens checked near the end of the budget, likeliest first
@@ -176,8 +179,8 @@ class RequestCloser:
         return [*tokens, self.close_id]
 
 
-def _meta_schema(max_prompt_chars: int, media_ids: tuple[str, ...], require: Modality | None) -> dict:
-    return json.loads(meta_json_schema(max_prompt_chars, media_ids, (require.value,) if require else ()))
+def _meta_schema(max_prompt_chars: int, media_ids: tuple[str, ...], require: frozenset[Modality]) -> dict:
+    return json.loads(meta_json_schema(max_prompt_chars, media_ids, tuple(sorted(m.value for m in require))))
 
 
 def _tokenizer_info(llm: LoadedLLM) -> Any:
@@ -190,7 +193,7 @@ def _tokenizer_info(llm: LoadedLLM) -> Any:
 
 
 def request_closer(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...],
-                   require: Modality | None) -> RequestCloser | None:
+                   require: frozenset[Modality] = frozenset()) -> RequestCloser | None:
     """The closer for the schema ``grammar_processor`` decodes under; None without xgrammar (it reads the
     token bytes from xgrammar's tokenizer info)."""
     if importlib.util.find_spec("xgrammar") is None:
@@ -209,17 +212,19 @@ def request_closer(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, 
                          llm.token_id(REQUEST_CLOSE))
 
 
-def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...], require: Modality | None):
+def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...],
+                      require: frozenset[Modality] = frozenset()):
     """xgrammar processor: free text, and schema-valid compact JSON (no free whitespace) between request markers.
     None if not installed."""
     try:
         import xgrammar as xgr
     except ImportError:
         return None
-    key = f"{meta_json_schema(max_prompt_chars, media_ids, (require.value,) if require else ())}|{require}"
+    schema = _meta_schema(max_prompt_chars, media_ids, require)
+    key = f"{json.dumps(schema)}|{sorted(require)}"
     if key not in llm.grammar_cache:  # compiling costs ~10 ms a turn; the processor itself is single-use
         llm.grammar_cache[key] = xgr.GrammarCompiler(_tokenizer_info(llm)).compile_structural_tag(
-            _request_tag(llm, _meta_schema(max_prompt_chars, media_ids, require), require is not None))
+            _request_tag(llm, schema, bool(require)))
     return xgr.contrib.hf.LogitsProcessor(llm.grammar_cache[key])
 
 
@@ -247,40 +252,64 @@ def _request_tag(llm: LoadedLLM, schema: dict, at_least_one: bool) -> Any:
 
 
 class _TextStreamer(BaseStreamer):
-    """Decodes generated ids incrementally into a queue; holds back incomplete UTF-8 sequences."""
+    """Decodes generated ids incrementally into a queue (vLLM-style prefix/read offsets, so a token costs a
+    short decode, not the whole reply); holds back incomplete UTF-8 sequences."""
 
     def __init__(self, llm: LoadedLLM):
-        self.llm, self.sent = llm, 0
+        self.llm = llm
         self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded already; text after them is new
         self.queue: queue.Queue[str | None] = queue.Queue()
 
     def put(self, value: torch.Tensor) -> None:
         new = [i for i in value.reshape(-1).tolist() if i not in self.llm.stop_ids]
+        if not new:
+            return
         self.ids += new
-        text = self.llm.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if new and not text.endswith("\ufffd"):
-            self.queue.put(text[self.sent :])
-            self.sent = len(text)
+        decode = self.llm.tokenizer.decode
+        seen = decode(self.ids[self.prefix : self.read], skip_special_tokens=False)
+        text = decode(self.ids[self.prefix :], skip_special_tokens=False)
+        if len(text) > len(seen) and not text.endswith("\ufffd"):
+            self.queue.put(text[len(seen) :])
+            self.prefix, self.read = self.read, len(self.ids)
 
     def end(self) -> None:
         self.queue.put(None)
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends ``generate`` at the next token once the event is set (Ctrl-C in chat, a client gone in serve)."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
 class GenerationStream:
-    """Iterate to get text pieces as they are sampled; afterwards ``ids`` holds the generated token ids."""
+    """Iterate to get text pieces as they are sampled; afterwards ``ids`` holds the generated token ids.
+
+    Decoding stops when ``stop`` is set or the iterator is closed early; either way the model is free again when
+    iteration ends (the decode thread is joined).
+    """
 
     def __init__(self, llm: LoadedLLM, embeds: torch.Tensor, processors: list, max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int | None):
+                 temperature: float, top_p: float, seed: int | None, stop: threading.Event | None = None):
         self.llm = llm
         self.ids: list[int] = []
         self._streamer = _TextStreamer(llm)
         self._error: BaseException | None = None
+        self._closed = threading.Event()
+        events = (self._closed,) if stop is None else (self._closed, stop)
         kwargs = {
             "inputs_embeds": embeds,
             "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
             "max_new_tokens": max_new_tokens,
             "do_sample": temperature > 0,
             "logits_processor": processors,
+            "stopping_criteria": StoppingCriteriaList([_StopWhenSet(*events)]),
             "streamer": self._streamer,
             "eos_token_id": llm.stop_ids,
             "pad_token_id": llm.tokenizer.pad_token_id,
@@ -304,8 +333,11 @@ class GenerationStream:
     def __iter__(self) -> Iterator[str]:
         thread = threading.Thread(target=self._run, daemon=True)
         thread.start()
-        while (piece := self._streamer.queue.get()) is not None:
-            yield piece
-        thread.join()
+        try:
+            while (piece := self._streamer.queue.get()) is not None:
+                yield piece
+        finally:  # also on close() or an exception in the consumer: stop decoding and wait for the model
+            self._closed.set()
+            thread.join()
         if self._error is not None:
             raise self._error

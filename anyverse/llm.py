@@ -10,7 +10,8 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from anyverse.config import LLMConfig, LoraConfigSpec, TinySpec
 from anyverse.signals import SignalVocabulary
-from anyverse.weights import component_dir, locate
+from anyverse.weights import collect_missing, component_dir, locate
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class LoadedLLM:
     vocab: SignalVocabulary
     base_id: str = ""  # identity of the base weights, recorded in checkpoints (see ``base_fingerprint``)
     grammar_cache: dict[str, Any] = field(default_factory=dict)
+    extra_stop_ids: tuple[int, ...] = ()  # replies also end here (NExT-GPT's ``###``)
+    structural: tuple[str, ...] = ()  # prompt-format strings that are not special tokens, neutralised in user text
 
     def token_id(self, token: str) -> int:
         return int(self.tokenizer.convert_tokens_to_ids(token))
@@ -103,7 +106,7 @@ class LoadedLLM:
     @property
     def stop_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
-        return [eos] if isinstance(eos, int) else list(eos)
+        return [*([eos] if isinstance(eos, int) else eos), *self.extra_stop_ids]
 
     def neutralize(self, text: str) -> str:
         """Make user-typed special tokens (signal tokens, markers, chat-template tokens) plain text.
@@ -116,7 +119,7 @@ class LoadedLLM:
     @cached_property
     def _specials_pattern(self) -> re.Pattern[str]:
         """Longest first, so ``<|media_start|>`` is not split at ``<|media|>``-like prefixes."""
-        specials = sorted(set(self.tokenizer.all_special_tokens), key=len, reverse=True)
+        specials = sorted({*self.tokenizer.all_special_tokens, *self.structural}, key=len, reverse=True)
         return re.compile("|".join(re.escape(s) for s in specials if len(s) > 1))
 
     def input_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
@@ -124,25 +127,39 @@ class LoadedLLM:
 
 
 def llm_dir(config: LLMConfig) -> Path:
-    return component_dir(
-        "llm",
-        config,
-        build=lambda d: build_tiny_llm(d, config.tiny or TinySpec()),
-        how_to_get=f"Run `huggingface-cli download {config.path}` on a machine with internet (then copy the HF "
-        "cache), or set llm.path to a local directory holding the model and its tokenizer.",
-    )
+    how_to_get = (f"Run `huggingface-cli download {config.path}` on a machine with internet (then copy the HF cache), "
+                  "or set llm.path to a local directory holding the model and its tokenizer.")
+    if config.prompt_format == "nextgpt":
+        from anyverse.nextgpt import VICUNA_V0
+
+        how_to_get = VICUNA_V0
+    return component_dir("llm", config, build=lambda d: build_tiny_llm(d, config.tiny or TinySpec()),
+                         how_to_get=how_to_get)
 
 
 def adapter_dir(config: LLMConfig) -> Path | None:
     if config.adapter is None:
         return None
-    return locate(config.adapter, "llm.adapter", "Point llm.adapter at a peft adapter directory (adapter_config.json).")
+    return locate(config.adapter, "llm.adapter", _converted_how(config) or
+                  "Point llm.adapter at a peft adapter directory (adapter_config.json).")
 
 
 def check_llm_weights(config: LLMConfig) -> None:
+    """Raise one MissingWeightsError naming every absent piece: base model, adapter, NExT-GPT's added tokens."""
+    checks: list[Callable[[], object]] = [lambda: adapter_dir(config)]
     if config.tiny is None:
-        llm_dir(config)
-    adapter_dir(config)
+        checks.insert(0, lambda: llm_dir(config))
+    if config.added_tokens is not None:
+        checks.append(lambda: locate(config.added_tokens or "", "llm.added_tokens", _converted_how(config)))
+    collect_missing(checks)
+
+
+def _converted_how(config: LLMConfig) -> str:
+    if config.prompt_format != "nextgpt":
+        return ""
+    from anyverse.nextgpt import CONVERT
+
+    return CONVERT
 
 
 def base_fingerprint(model: Any) -> str:
@@ -165,11 +182,18 @@ def load_llm(config: LLMConfig, vocab: SignalVocabulary, device: torch.device, d
 
     directory = llm_dir(config)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    extras: dict[str, Any] = {}
+    if config.prompt_format == "nextgpt":  # the checkpoint fixes the added tokens, their ids and the template
+        from anyverse.nextgpt import prepare_tokenizer
+
+        tokens = prepare_tokenizer(tokenizer, config, vocab, directory)
+        vocab, extras = tokens.vocab, {"extra_stop_ids": tokens.stop_ids, "structural": tokens.structural}
+    else:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": vocab.special_tokens}, replace_extra_special_tokens=False
+        )
     if not tokenizer.chat_template:
         raise ValueError(f"{directory}: the tokenizer has no chat template; use a chat model or add one")
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": vocab.special_tokens}, replace_extra_special_tokens=False
-    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -179,7 +203,7 @@ def load_llm(config: LLMConfig, vocab: SignalVocabulary, device: torch.device, d
             torch.manual_seed(0)
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.to(device).eval().requires_grad_(False)
-    return LoadedLLM(model=model, tokenizer=tokenizer, vocab=vocab, base_id=base_id)
+    return LoadedLLM(model=model, tokenizer=tokenizer, vocab=vocab, base_id=base_id, **extras)
 
 
 def load_adapter(llm: LoadedLLM, config: LLMConfig) -> LoadedLLM:
@@ -190,7 +214,7 @@ def load_adapter(llm: LoadedLLM, config: LLMConfig) -> LoadedLLM:
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(llm.model, adapter).eval().requires_grad_(False)
-    return LoadedLLM(model=model, tokenizer=llm.tokenizer, vocab=llm.vocab, base_id=llm.base_id)
+    return replace(llm, model=model, grammar_cache={})
 
 
 def attach_lora(llm: LoadedLLM, spec: LoraConfigSpec) -> LoadedLLM:
@@ -210,5 +234,4 @@ def attach_lora(llm: LoadedLLM, spec: LoraConfigSpec) -> LoadedLLM:
         trainable_token_indices=rows,
         task_type="CAUSAL_LM",
     )
-    return LoadedLLM(model=get_peft_model(llm.model, lora), tokenizer=llm.tokenizer, vocab=llm.vocab,
-                     base_id=llm.base_id)
+    return replace(llm, model=get_peft_model(llm.model, lora), grammar_cache={})

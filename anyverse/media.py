@@ -404,9 +404,16 @@ def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
 def decode_audio(media: Media, caps: Caps, sample_rate: int = 16000) -> np.ndarray:
     """Whole file as float32 mono [N] at ``sample_rate`` (mixed down block by block to bound memory)."""
     with _open_audio(media.path, media.format, media.original_name, caps) as f:
-        blocks = [b.mean(axis=1) for b in f.blocks(blocksize=1 << 20, dtype="float32", always_2d=True)]
+        blocks = [_finite(b.mean(axis=1)) for b in f.blocks(blocksize=1 << 20, dtype="float32", always_2d=True)]
         rate = f.samplerate
     return _resample(np.concatenate(blocks) if blocks else np.zeros(0, np.float32), rate, sample_rate)
+
+
+def _finite(samples: np.ndarray) -> np.ndarray:
+    """Float WAVs can hold NaN/Inf samples; they would poison the encoder, so they become silence."""
+    if np.isfinite(samples).all():
+        return samples
+    return np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _check_clips(num_clips: int, per_clip: int, clip_seconds: float) -> None:
@@ -435,7 +442,7 @@ def decode_audio_clips(
         src_len = round(clip_seconds * rate)
         for i, start in enumerate(_clip_starts(frames / rate, clip_seconds, num_clips)):
             f.seek(min(round(start * rate), frames - 1))
-            clip = f.read(frames=src_len, dtype="float32", always_2d=True).mean(axis=1)
+            clip = _finite(f.read(frames=src_len, dtype="float32", always_2d=True).mean(axis=1))
             clip = _resample(np.pad(clip, (0, src_len - len(clip))), rate, sample_rate)[:length]
             out[i, : len(clip)] = clip
     return out

@@ -21,7 +21,7 @@ from torch import nn
 from anyverse.config import AnyverseConfig, anyverse_home
 from anyverse.encoders.imagebind import ImageBindEncoder
 from anyverse.llm import LoadedLLM, load_adapter, load_llm
-from anyverse.projectors import OutputProjector, build_input_projector
+from anyverse.projectors import build_input_projector, build_output_projector
 from anyverse.signals import MEDIA_END, MEDIA_START, MEDIA_TOKEN, REQUEST_CLOSE, REQUEST_OPEN, SignalVocabulary
 from anyverse.types import Media, Message, Modality
 from anyverse.weights import expand
@@ -83,7 +83,7 @@ class AnyverseModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: AnyverseConfig, device: torch.device, dtype: torch.dtype,
-                    conditioning_specs: dict[Modality, dict[str, tuple[int, int]]],
+                    conditioning_specs: dict[Modality, dict[str, tuple[int, ...]]],
                     check_base: Callable[[dict[str, Any]], None] | None = None,
                     output_projectors: bool | None = None) -> AnyverseModel:
         """Load encoder and LLM, build projectors (from ``projector_weights`` when set).
@@ -105,7 +105,8 @@ class AnyverseModel(nn.Module):
             for m in INPUT_MODALITIES
         })
         outputs = nn.ModuleDict({
-            m.value: OutputProjector(llm.hidden_size, config.output.signal_tokens[m], spec, config.output_projector)
+            m.value: build_output_projector(llm.hidden_size, config.output.signal_tokens[m], spec,
+                                            config.output_projector)
             for m, spec in conditioning_specs.items()
             if (config.output.mode == "signal" if output_projectors is None else output_projectors)
         })
@@ -152,6 +153,10 @@ class AnyverseModel(nn.Module):
 
         ``mode`` picks the output mode's system prompt (default: the config's); training renders both.
         """
+        if self.config.llm.prompt_format == "nextgpt":  # NExT-GPT's own prompt: no system prompt, no ids
+            from anyverse.nextgpt import render
+
+            return render(self.llm, history)
         neutral = self.llm.neutralize
         chat = [{"role": "system", "content": self.system_prompts[mode or self.config.output.mode]}]
         ordered: list[Media] = []
@@ -188,14 +193,17 @@ class AnyverseModel(nn.Module):
         return out
 
     def embed(self, context: Context) -> torch.Tensor:
-        """[1, L, llm_dim] input embeddings with soft tokens spliced into the placeholder slots."""
+        """[1, L, llm_dim] input embeddings with soft tokens spliced into the placeholder slots; slots sharing a
+        position add up (NExT-GPT sums the files of one modality)."""
         device = self.llm.model.get_input_embeddings().weight.device
         embeds = self.llm.input_embeddings(torch.tensor([context.ids], device=device))
         if context.slots:
             soft = self.soft_tokens([m for m, _, _ in context.slots])
             embeds = embeds.clone()
+            for _, start, k in context.slots:
+                embeds[0, start : start + k] = 0
             for media, start, k in context.slots:
-                embeds[0, start : start + k] = soft[str(media.id)].to(embeds.dtype)
+                embeds[0, start : start + k] += soft[str(media.id)].to(embeds.dtype)
         return embeds
 
     def signal_runs(self, generated: list[int]) -> list[tuple[Modality, int]]:

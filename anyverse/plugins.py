@@ -69,7 +69,7 @@ class Generator(Protocol):
         """Raise MissingWeightsError when real weights are absent, without loading them."""
         ...
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         """Tensors accepted instead of a text prompt, name -> (sequence length, width), from saved configs."""
         ...
 
@@ -165,7 +165,7 @@ def check_source(generator: Generator, source: GeneratedMedia | None) -> None:
 
 
 def check_conditioning(
-    conditioning: Mapping[str, Any], spec: Mapping[str, tuple[int, int]], plugin: str
+    conditioning: Mapping[str, Any], spec: Mapping[str, tuple[int, ...]], plugin: str
 ) -> dict[str, torch.Tensor]:
     """Conditioning must hold exactly the spec's names, each a tensor of shape (1, length, width)."""
     expected = {name: (1, *shape) for name, shape in spec.items()}
@@ -494,5 +494,5 @@ class GeneratorPool:
         """Raise one MissingWeightsError listing every generator whose real weights are absent."""
         collect_missing([g.check_weights for g in self._generators.values()])
 
-    def conditioning_specs(self) -> dict[Modality, dict[str, tuple[int, int]]]:
+    def conditioning_specs(self) -> dict[Modality, dict[str, tuple[int, ...]]]:
         return {modality: g.conditioning_spec() for modality, g in self._generators.items()}

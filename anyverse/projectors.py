@@ -7,6 +7,8 @@ Every width comes from the loaded encoder, LLM or generator spec; none is a cons
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -14,6 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from anyverse.config import InputProjectorConfig, OutputProjectorConfig
+
+Shape = tuple[int, ...]  # a conditioning tensor's shape after the batch axis: (sequence, width), or (width,)
+
+
+def _seq_width(shape: Shape) -> tuple[int, int]:
+    """A 2-D conditioning (AudioLDM's CLAP vector [B, 512]) is one output token of that width."""
+    return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
 
 
 class PooledProjector(nn.Module):
@@ -116,12 +125,12 @@ class OutputProjector(nn.Module):
     target_mean: torch.Tensor
     target_std: torch.Tensor
 
-    def __init__(self, llm_dim: int, num_signal: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
+    def __init__(self, llm_dim: int, num_signal: int, spec: dict[str, Shape], cfg: OutputProjectorConfig):
         super().__init__()
         self.spec = dict(spec)
         self.register_buffer("state_mean", torch.zeros(num_signal, llm_dim))
         self.register_buffer("state_std", torch.ones(num_signal, llm_dim))
-        total = sum(length * width for length, width in spec.values())
+        total = sum(math.prod(shape) for shape in spec.values())
         self.register_buffer("target_mean", torch.zeros(total))
         self.register_buffer("target_std", torch.ones(total))
         self.body = QueryDecoderBody(llm_dim, spec, cfg)
@@ -144,9 +153,9 @@ class OutputProjector(nn.Module):
         flat = self.body(states) if self.linear is None else self.body(states) + self.linear(states)
         flat = flat * self.target_std + self.target_mean  # [B, sum of seq * width]
         out, start = {}, 0
-        for name, (length, width) in self.spec.items():
-            out[name] = flat[:, start : start + length * width].view(-1, length, width)
-            start += length * width
+        for name, shape in self.spec.items():
+            out[name] = flat[:, start : start + math.prod(shape)].view(-1, *shape)
+            start += math.prod(shape)
         return out
 
 
@@ -165,10 +174,10 @@ class LowRankLinear(nn.Module):
 class QueryDecoderBody(nn.Module):
     """NExT-GPT's transformer: an encoder over the signal states, then one learned query per output position."""
 
-    def __init__(self, llm_dim: int, spec: dict[str, tuple[int, int]], cfg: OutputProjectorConfig):
+    def __init__(self, llm_dim: int, spec: dict[str, Shape], cfg: OutputProjectorConfig):
         super().__init__()
         d = cfg.d_model
-        self.spec = dict(spec)
+        self.spec = {name: _seq_width(shape) for name, shape in spec.items()}
         self.inp = nn.Linear(llm_dim, d)
         layer_args: dict[str, Any] = {"dropout": 0.0, "batch_first": True, "norm_first": True}
         self.encoder = (
@@ -183,8 +192,8 @@ class QueryDecoderBody(nn.Module):
         self.decoder = nn.TransformerDecoder(
             nn.TransformerDecoderLayer(d, cfg.heads, cfg.feedforward, **layer_args), cfg.decoder_layers
         )
-        self.queries = nn.ParameterDict({n: nn.Parameter(torch.randn(s, d) * 0.02) for n, (s, _) in spec.items()})
-        self.heads = nn.ModuleDict({n: nn.Linear(d, width) for n, (_, width) in spec.items()})
+        self.queries = nn.ParameterDict({n: nn.Parameter(torch.randn(s, d) * 0.02) for n, (s, _) in self.spec.items()})
+        self.heads = nn.ModuleDict({n: nn.Linear(d, width) for n, (_, width) in self.spec.items()})
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         memory = self.inp(states)
@@ -199,3 +208,46 @@ class QueryDecoderBody(nn.Module):
             parts.append(self.heads[name](decoded[:, start : start + length]).flatten(1))
             start += length
         return torch.cat(parts, dim=1)
+
+
+class TextFcProjector(nn.Module):
+    """NExT-GPT's TextFcLayer (mode ``transformer``), with its parameter names, so its state dict loads unchanged.
+
+    ``fc`` maps the signal states (plus their input embeddings, added by the caller) to ``d_model``; a full
+    ``nn.Transformer`` (pre-norm, so with final encoder and decoder norms) reads them as its source and learned
+    ``query_embs`` as its target; ``model`` maps each query to the conditioning width. One conditioning tensor only.
+    """
+
+    def __init__(self, llm_dim: int, spec: dict[str, Shape], cfg: OutputProjectorConfig):
+        super().__init__()
+        if len(spec) != 1:
+            raise ValueError(f"output_projector.kind=textfc makes one conditioning tensor; the generator declares "
+                             f"{sorted(spec)} (use kind: query)")
+        (self.name, self.shape), = spec.items()
+        length, width = _seq_width(self.shape)
+        d = cfg.d_model
+        self.fc = nn.Linear(llm_dim, d)
+        with warnings.catch_warnings():  # "enable_nested_tensor ... norm_first": nested tensors are not used anyway
+            warnings.simplefilter("ignore", UserWarning)
+            self.tfm = nn.Transformer(d_model=d, nhead=cfg.heads, num_encoder_layers=cfg.encoder_layers,
+                                      num_decoder_layers=cfg.decoder_layers, dim_feedforward=cfg.feedforward,
+                                      dropout=0.0, batch_first=True, norm_first=True)
+        self.model = nn.Linear(d, width)
+        self.query_embs = nn.Parameter(torch.randn(1, length, d))
+
+    def standardize(self, signal_states: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
+        """Nothing to set: NExT-GPT's layer reads raw states and predicts raw targets (decoder alignment calls this)."""
+
+    def forward(self, signal_states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``signal_states`` [B, n_signal, llm_dim] -> {name: [B, *shape]}."""
+        x = self.fc(signal_states)
+        out = self.model(self.tfm(x, self.query_embs.repeat(x.shape[0], 1, 1)))
+        return {self.name: out.reshape(-1, *self.shape)}
+
+
+def build_output_projector(llm_dim: int, num_signal: int, spec: dict[str, Shape],
+                           cfg: OutputProjectorConfig) -> nn.Module:
+    """``forward(signal_states [B, n_signal, llm_dim]) -> {name: [B, *spec[name]]}``, of the configured kind."""
+    if cfg.kind == "textfc":
+        return TextFcProjector(llm_dim, spec, cfg)
+    return OutputProjector(llm_dim, num_signal, spec, cfg)

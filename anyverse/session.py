@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
+import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,23 @@ from anyverse.decoding import GenerationStream, RequestConstraints, grammar_proc
 from anyverse.devices import resolve_device, resolve_dtype
 from anyverse.encoders.imagebind import check_encoder_weights
 from anyverse.llm import check_llm_weights
-from anyverse.media import decode_image, load_media, media_from_bytes, save_audio, save_image, save_video
+from anyverse.media import (
+    MediaError,
+    decode_image,
+    load_media,
+    media_from_bytes,
+    save_audio,
+    save_image,
+    save_video,
+)
 from anyverse.model import AnyverseModel, Context
 from anyverse.plugins import GeneratedMedia, GeneratorPool
+from anyverse.quiet import quiet_libraries
 from anyverse.signals import REQUEST_OPEN, StreamParser
 from anyverse.types import (
+    OUTPUT_MODALITIES,
     Event,
+    GenerationOptions,
     Media,
     MediaProduced,
     MediaRequest,
@@ -38,6 +52,7 @@ from anyverse.types import (
     Modality,
     Notice,
     TextDelta,
+    TurnFinished,
     TurnResult,
 )
 from anyverse.weights import MissingWeightsError, collect_missing
@@ -70,13 +85,12 @@ class Anyverse:
                     raise
                 raise MissingWeightsError(["toyworld: not built on this machine yet; `anyverse train toyworld` "
                                            "makes every piece below (CPU only, no downloads)", *err.missing]) from None
-            specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
-            model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
+            with quiet_libraries():
+                specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
+                model = AnyverseModel.from_config(config, self.device, self.dtype, specs, check_base)
         self.model = model
         self.output_dir = Path(output_dir)
         self.history: list[Message] = []
-        self.media: dict[str, Media] = {}
-        self._ids: Counter[str] = Counter()
 
     @classmethod
     def from_profile(cls, name: str = "tiny", overrides: list[str] | None = None, **kwargs) -> Anyverse:
@@ -96,6 +110,47 @@ class Anyverse:
                                        "Train them with `anyverse train` or point projector_weights at a "
                                        "projectors.safetensors; random projectors would make media meaningless."])
 
+    # ---- the conversation ----------------------------------------------------------------------------------
+
+    @property
+    def media(self) -> dict[str, Media]:
+        """Every media item of the conversation by id (ids derive from the history)."""
+        return media_by_id(self.history)
+
+    def reset(self) -> None:
+        self.history = []
+
+    def undo(self) -> bool:
+        """Drop the last exchange (user message and reply); False when there is none."""
+        last_user = max((i for i, m in enumerate(self.history) if m.role == "user"), default=None)
+        if last_user is None:
+            return False
+        del self.history[last_user:]
+        return True
+
+    def restore(self, messages: Sequence[Message]) -> list[str]:
+        """Replace the history with ``messages``, re-validating every media file against its recorded sha256.
+
+        A vanished or changed file is left out (its id is not reused by others); the notices say which.
+        """
+        notices: list[str] = []
+        restored: list[Message] = []
+        for message in messages:
+            kept = []
+            for item in message.media:
+                try:
+                    loaded = load_media(item.path, self.config.caps, item.modality)
+                except MediaError as err:
+                    notices.append(f"{item.id}: left out ({err.reason})")
+                    continue
+                if loaded.sha256 != item.sha256:
+                    notices.append(f"{item.id}: left out ({item.path} changed since it was logged)")
+                    continue
+                kept.append(loaded.model_copy(update={"id": item.id, "original_name": item.original_name}))
+            restored.append(message.model_copy(update={"media": kept, "text": clean_text(message.text)}))
+        self.history = restored
+        return notices
+
     # ---- inputs ---------------------------------------------------------------------------------------------
 
     def load(self, source: str | Path | bytes, modality: Modality | None = None) -> Media:
@@ -104,126 +159,145 @@ class Anyverse:
             return media_from_bytes(source, "upload", self.config.caps, anyverse_home() / "uploads", modality)
         return load_media(source, self.config.caps, modality)
 
-    def _register(self, media: Media) -> Media:
-        label = media.modality.label
-        self._ids[label] += 1
-        media = media.with_id(f"{label}_{self._ids[label]}")
-        self.media[str(media.id)] = media
-        return media
-
-    def user_message(self, text: str, attachments: Sequence[Attachment]) -> Message:
+    def prepare(self, text: str, attachments: Sequence[Attachment] = ()) -> Message:
         """Validate text and every attachment (before anything is written), then give the media ids."""
         caps = self.config.caps
+        text = clean_text(text)
         if len(text) > caps.max_text_chars:
             raise ValueError(f"message: {len(text)} characters exceeds the {caps.max_text_chars} cap "
                              "(caps.max_text_chars)")
         if len(attachments) > caps.max_attachments:
             raise ValueError(f"{len(attachments)} attachments exceed the cap of {caps.max_attachments}")
         loaded = [a if isinstance(a, Media) else self.load(a) for a in attachments]  # all validated first
-        return Message(role="user", text=text, media=[self._register(m) for m in loaded])
+        named: list[Media] = []
+        for item in loaded:
+            named.append(item.with_id(next_id(item.modality, self.history, named)))
+        return Message(role="user", text=text, media=named)
+
+    user_message = prepare  # the name evaluation and older callers use
 
     # ---- a turn ---------------------------------------------------------------------------------------------
 
     def context(self, history: list[Message]) -> Context:
-        """Render ``history``, dropping the oldest turns if it would not fit the context window."""
+        """Render ``history``, dropping the oldest exchanges if it would not fit the context window (a binary
+        search over where the kept part starts, so a long history costs a few renders, not one per message)."""
         budget = self.config.llm.max_context_tokens - self.config.llm.max_new_tokens
-        while True:
-            context = self.model.render(history, self.config.output.mode)
-            if len(context.ids) <= budget or len(history) <= 1:
-                break
-            history = history[1:]
-        if len(context.ids) > budget:
+        context = self.model.render(history, self.config.output.mode)
+        if len(context.ids) <= budget:  # the usual case: everything fits
+            return context
+        starts = [i for i, m in enumerate(history) if m.role == "user" or i == len(history) - 1][1:] or [0]
+        low, high = 0, len(starts) - 1
+        fitting: Context | None = None
+        while low <= high:  # the smallest start whose rendering fits
+            mid = (low + high) // 2
+            context = self.model.render(history[starts[mid] :], self.config.output.mode)
+            if len(context.ids) <= budget:
+                fitting, high = context, mid - 1
+            else:
+                low = mid + 1
+        if fitting is None:
             raise ValueError(f"message: {len(context.ids)} tokens do not fit the {budget}-token context budget")
-        return context
+        return fitting
 
-    def stream(self, text: str, attachments: Sequence[Attachment] = (), *, require: Modality | None = None,
-               seed: int | None = None) -> Iterator[Event]:
-        """Run one turn, yielding text deltas live, then requests and produced media.
-
-        At the end the typed result is in ``last_result`` and ``turn.json`` (inputs, resolved config, outputs) is
-        written to ``output_dir``.
-        """
+    def stream(self, text: str, attachments: Sequence[Attachment] = (), *, require: Require = None,
+               seed: int | None = None, options: dict[str, Any] | None = None,
+               stop: threading.Event | None = None) -> Iterator[Event]:
+        """Run one turn, yielding text deltas live, then requests, progress and produced media; the last event is
+        ``TurnFinished`` with the typed result. Setting ``stop`` ends the turn early and adds nothing to history."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        user = self.user_message(text, attachments)
-        context = self.context([*self.history, user])
+        # 1. Check inputs and give the media ids
+        user = self.prepare(text, attachments)
+        history = [*self.history, user]
+        # 2. Render the conversation and splice in the media's soft tokens
         tick = time.perf_counter()
-        embeds = self.model.embed(context)
+        embeds = self.model.embed(self.context(history))
         timings["encode"] = time.perf_counter() - tick
-
+        # 3. Decode the reply, streaming its text
         tick = time.perf_counter()
-        generated: list[int] = []
-        decoded: list[Event] = []
-        for event in self._decode(embeds, require, seed, generated):
-            decoded.append(event)
-            yield event
+        reply = yield from self.decode(embeds, require, seed, stop, tuple(media_by_id(history)))
         timings["llm"] = time.perf_counter() - tick
-        requests = [e.request for e in decoded if isinstance(e, MediaRequested)]
-        if self.config.output.mode == "signal":
-            for request, (_, conditioning) in zip(requests, self.model.signal_conditioning(embeds, generated),
-                                                  strict=False):
-                request.conditioning = conditioning
-
-        produced: list[MediaProduced] = []
-        notices = [e.message for e in decoded if isinstance(e, Notice)]
+        if reply.stopped:
+            yield TurnFinished(result=TurnResult(text=reply.text, notices=reply.notices, timings=timings,
+                                                 output_dir=self.output_dir, stopped=True))
+            return
+        # 4. Route each request to its generator and save what it makes
+        requests, notices = self.route(reply, embeds)
         tick = time.perf_counter()
-        for index, request in enumerate(requests[: self.config.output.max_requests]):
-            if request.options.seed is None and seed is not None:
-                request.options = request.options.model_copy(update={"seed": seed + index})
-            event = self._produce(request)
-            if isinstance(event, MediaProduced):
-                produced.append(event)
-            elif isinstance(event, Notice):
-                notices.append(event.message)
-            yield event
-        if len(requests) > self.config.output.max_requests:
-            dropped = Notice(message=f"only the first {self.config.output.max_requests} media requests were honoured")
-            notices.append(dropped.message)
-            yield dropped
+        produced = yield from self.produce(requests, seed, options, history, stop)
         timings["generate"] = time.perf_counter() - tick
-        text = "".join(e.text for e in decoded if isinstance(e, TextDelta)).strip()
-        self.history += [user, Message(role="assistant", text=text, media=[p.media for p in produced])]
+        notices = [*reply.notices, *notices, *produced.notices]
+        # 5. Splice the reply and its media back into the conversation
+        stopped = stop is not None and stop.is_set()
+        assistant = Message(role="assistant", text=reply.text, media=[p.media for p in produced.media],
+                            requests=[p.request for p in produced.media])
+        if not stopped:
+            self.history += [user, assistant]
         timings["total"] = time.perf_counter() - started
-        self.last_result = TurnResult(text=text, media=produced, notices=notices, timings=timings,
-                                      output_dir=self.output_dir)
-        self._write_manifest(self.last_result, user.media)
+        result = TurnResult(text=reply.text, media=produced.media, notices=notices, timings=timings,
+                            output_dir=self.output_dir, stopped=stopped, user=user, assistant=assistant)
+        if not stopped:
+            self._record(result)
+        yield TurnFinished(result=result)
 
-    def draft(self, history: list[Message], *, require: Modality | None = None,
+    def turn(self, text: str, attachments: Sequence[Attachment] = (), *, require: Require = None,
+             seed: int | None = None, options: dict[str, Any] | None = None,
+             stop: threading.Event | None = None) -> TurnResult:
+        """Run one turn to completion (see ``stream``) and return its typed result."""
+        for event in self.stream(text, attachments, require=require, seed=seed, options=options, stop=stop):
+            if isinstance(event, TurnFinished):
+                return event.result
+        raise AssertionError("a turn always ends with TurnFinished")
+
+    def draft(self, history: list[Message], *, require: Require = None,
               seed: int | None = None) -> tuple[str, list[MediaRequest], list[str]]:
         """Decode a reply to ``history`` without generating media or touching the session: text, the parsed
         requests and notices. What evaluation and dry runs need."""
         embeds = self.model.embed(self.context(history))
-        generated: list[int] = []
-        events = list(self._decode(embeds, require, seed, generated))
-        text = "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
-        return (text, [e.request for e in events if isinstance(e, MediaRequested)],
-                [e.message for e in events if isinstance(e, Notice)])
+        reply = yield_return(self.decode(embeds, require, seed, None, tuple(media_by_id(history))))
+        return reply.text, reply.requests, reply.notices
 
-    def _decode(self, embeds: torch.Tensor, require: Modality | None, seed: int | None,
-                generated: list[int]) -> Iterator[Event]:
-        """Sample the reply and parse it as it streams; retry malformed meta-responses a bounded number of times."""
-        out = self.config.output
-        llm_cfg = self.config.llm
+    def decode(self, embeds: torch.Tensor, require: Require, seed: int | None, stop: threading.Event | None,
+               media_ids: tuple[str, ...]) -> Generator[Event, None, Reply]:
+        """Sample the reply and parse it as it streams (events), returning the whole ``Reply``. Malformed
+        meta-responses are re-sampled a bounded number of times."""
+        out, llm_cfg = self.config.output, self.config.llm
+        required = required_set(require)
         parser = StreamParser(self.model.llm.vocab, out.mode, out.max_prompt_chars)
         processors: list = []
         grammar = None
         if out.mode == "meta" and out.constrained != "none":
-            grammar = grammar_processor(self.model.llm, out.max_prompt_chars, tuple(self.media), require)
+            grammar = grammar_processor(self.model.llm, out.max_prompt_chars, media_ids, required)
             if grammar is None and out.constrained == "xgrammar":
                 raise ValueError("output.constrained=xgrammar but xgrammar is not installed")
             if grammar is not None:
                 processors.append(grammar)
-        closer = request_closer(self.model.llm, out.max_prompt_chars, tuple(self.media), require) if grammar else None
-        processors.append(RequestConstraints(self.model.llm, out.mode, llm_cfg.max_new_tokens, require,
+        closer = request_closer(self.model.llm, out.max_prompt_chars, media_ids, required) if grammar else None
+        processors.append(RequestConstraints(self.model.llm, out.mode, llm_cfg.max_new_tokens, required,
                                              self._meta_reserve, closer))
         stream = GenerationStream(self.model.llm, embeds, processors, llm_cfg.max_new_tokens,
-                                  llm_cfg.temperature, llm_cfg.top_p, seed)
+                                  llm_cfg.temperature, llm_cfg.top_p, seed, stop)
+        events: list[Event] = []
         for piece in stream:
-            yield from parser.feed(piece)
-        yield from parser.close()
-        generated += stream.ids
+            for event in parser.feed(piece):
+                events.append(event)
+                yield event
+        if stop is not None and stop.is_set():
+            return Reply.of(events, stream.ids, stopped=True)
+        for event in parser.close():
+            events.append(event)
+            yield event
         if parser.failed_requests and grammar is None and out.mode == "meta":
-            yield from self._retry_request(embeds, stream.ids, seed)
+            for event in self._retry_request(embeds, stream.ids, seed):
+                events.append(event)
+                yield event
+        reply = Reply.of(events, stream.ids)
+        made = {r.modality for r in reply.requests}
+        for modality in sorted(required - made):
+            notice = Notice(message=f"the reply made no {modality.value} although it was required")
+            reply.notices.append(notice.message)
+            yield notice
+        return reply
 
     @cached_property
     def _meta_reserve(self) -> int:
@@ -251,23 +325,60 @@ class Anyverse:
                 return
         yield Notice(message=f"the media request stayed malformed after {out.retries} retries; no media made")
 
-    def _produce(self, request: MediaRequest) -> MediaProduced | Notice:
+    def route(self, reply: Reply, embeds: torch.Tensor) -> tuple[list[MediaRequest], list[str]]:
+        """The requests to honour: signal requests get their output projector's conditioning; at most
+        ``output.max_requests``."""
+        requests = reply.requests
+        if self.config.output.mode == "signal":
+            conditioned = self.model.signal_conditioning(embeds, reply.ids)
+            for request, (_, conditioning) in zip(requests, conditioned, strict=False):
+                request.conditioning = conditioning
+        cap = self.config.output.max_requests
+        if len(requests) <= cap:
+            return requests, []
+        return requests[:cap], [f"only the first {cap} media requests were honoured"]
+
+    def produce(self, requests: list[MediaRequest], seed: int | None, options: dict[str, Any] | None,
+                history: list[Message], stop: threading.Event | None = None) -> Generator[Event, None, Produced]:
+        """Generate and save each request's media, giving each the next id; failures become notices."""
+        known = media_by_id(history)
+        made: list[MediaProduced] = []
+        notices: list[str] = []
+        for index, request in enumerate(requests):
+            if stop is not None and stop.is_set():
+                break
+            request.options = effective_options(request.options, options, seed, index)
+            event = self._produce(request, known, [p.media for p in made], history)
+            if isinstance(event, MediaProduced):
+                made.append(event)
+                known[str(event.media.id)] = event.media
+            else:
+                notices.append(event.message)
+            yield event
+        return Produced(media=made, notices=notices)
+
+    def _produce(self, request: MediaRequest, known: dict[str, Media], made: list[Media],
+                 history: list[Message]) -> MediaProduced | Notice:
         """Generate and save one item; failures become notices so finished work is never lost."""
         tick = time.perf_counter()
         try:
-            generator = self.generators.get(request.modality)
-            source = self._source(request, generator.accepts_source)
-            media = self._register(save_generated(generator.generate(request, source), self.output_dir))
+            with quiet_libraries():
+                generator = self.generators.get(request.modality)
+                source = self._source(request, known, generator.accepts_source)
+                generated = generator.generate(request, source)
+            saved = save_generated(generated, self.output_dir)
         except Exception as err:  # a generator failure must not lose the reply or earlier media
             log.debug("%s generation failed", request.modality.value, exc_info=True)
             return Notice(message=f"{request.modality.value} generation failed: {err}")
+        media = saved.with_id(next_id(saved.modality, history, made))
         return MediaProduced(media=media, request=request, seconds=time.perf_counter() - tick)
 
-    def _source(self, request: MediaRequest, accepted: frozenset[Modality]) -> GeneratedMedia | None:
+    def _source(self, request: MediaRequest, known: dict[str, Media],
+                accepted: frozenset[Modality]) -> GeneratedMedia | None:
         """The decoded media a request edits, when its generator can edit that modality (else prompt only)."""
         if request.source is None:
             return None
-        media = self.media.get(request.source)
+        media = known.get(request.source)
         if media is None:
             raise ValueError(f"unknown media id {request.source!r}")
         if media.modality not in accepted or media.modality != Modality.IMAGE:
@@ -276,21 +387,97 @@ class Anyverse:
         pixels = np.asarray(decode_image(media, self.config.caps), dtype=np.float32) / 255.0
         return GeneratedMedia(modality=Modality.IMAGE, data=pixels)
 
-    def turn(self, text: str, attachments: Sequence[Attachment] = (), *, require: Modality | None = None,
-             seed: int | None = None) -> TurnResult:
-        """Run one turn to completion (see ``stream``) and return its typed result."""
-        for _ in self.stream(text, attachments, require=require, seed=seed):
-            pass
-        return self.last_result
-
-    def _write_manifest(self, result: TurnResult, inputs: list[Media]) -> None:
+    def _record(self, result: TurnResult) -> None:
+        """Append one line per turn to ``turns.jsonl``; the resolved config is written once, named by its hash."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "inputs": [m.model_dump(mode="json") for m in inputs],
-            "result": result.model_dump(mode="json"),
-            "config": self.config.model_dump(mode="json"),
-        }
-        (self.output_dir / "turn.json").write_text(json.dumps(manifest, indent=2))
+        fingerprint = self._config_fingerprint
+        config_file = self.output_dir / f"config-{fingerprint}.json"
+        if not config_file.exists():
+            config_file.write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
+        record = {"config": fingerprint, "result": result.model_dump(mode="json")}
+        with open(self.output_dir / "turns.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @cached_property
+    def _config_fingerprint(self) -> str:
+        return self.config.fingerprint()
+
+
+Require = Modality | Collection[Modality] | None
+
+
+def required_set(require: Require) -> frozenset[Modality]:
+    """``--require``'s forms (none, one modality, several) as one set of generatable modalities."""
+    if require is None:
+        return frozenset()
+    wanted = frozenset([require] if isinstance(require, Modality) else require)
+    bad = sorted(m.value for m in wanted if m not in OUTPUT_MODALITIES)
+    if bad:
+        raise ValueError(f"require {', '.join(bad)}: choose from image, video, audio")
+    return wanted
+
+
+@dataclass
+class Reply:
+    """What decoding returns: the reply text, its parsed requests and notices, the generated ids."""
+
+    text: str
+    requests: list[MediaRequest]
+    notices: list[str]
+    ids: list[int]
+    stopped: bool = False
+
+    @classmethod
+    def of(cls, events: list[Event], ids: list[int], stopped: bool = False) -> Reply:
+        return cls(text="".join(e.text for e in events if isinstance(e, TextDelta)).strip(),
+                   requests=[e.request for e in events if isinstance(e, MediaRequested)],
+                   notices=[e.message for e in events if isinstance(e, Notice)], ids=list(ids), stopped=stopped)
+
+
+@dataclass
+class Produced:
+    media: list[MediaProduced]
+    notices: list[str]
+
+
+def yield_return(events: Generator[Event, None, Reply]) -> Reply:
+    """Drain a phase's events and return its value."""
+    while True:
+        try:
+            next(events)
+        except StopIteration as done:
+            return done.value
+
+
+def media_by_id(history: Sequence[Message]) -> dict[str, Media]:
+    return {str(m.id): m for message in history for m in message.media}
+
+
+def next_id(modality: Modality, history: Sequence[Message], pending: Sequence[Media] = ()) -> str:
+    """The next id of a modality: one past the highest in the history (and media not yet in it), so ids survive
+    restoring a log with a vanished file, and an id freed by ``undo`` is given again."""
+    label = modality.label
+    taken = [m.id for message in history for m in message.media] + [m.id for m in pending]
+    numbers = [int(i.rsplit("_", 1)[1]) for i in taken if i and i.startswith(f"{label}_")]
+    return f"{label}_{max(numbers, default=0) + 1}"
+
+
+def effective_options(options: GenerationOptions, defaults: dict[str, Any] | None, seed: int | None,
+                      index: int) -> GenerationOptions:
+    """A request's own options over the turn's defaults; the seed is always set (and so recorded): the request's,
+    else the turn seed plus the request's index, else a fresh random one."""
+    merged = {**(defaults or {}), **options.model_dump(exclude_none=True)}
+    if merged.get("seed") is None:
+        merged["seed"] = seed + index if seed is not None else secrets.randbelow(2**31)
+    return GenerationOptions.model_validate(merged)
+
+
+def clean_text(text: str) -> str:
+    """Lone surrogates (undecodable argv/stdin bytes, JSON escapes) become U+FFFD, so tokenizers never see them."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def save_generated(result: GeneratedMedia, output_dir: Path) -> Media:

@@ -40,8 +40,11 @@ MEDIA_ID_PATTERN = r"^(?:" + "|".join(m.label for m in Modality) + r")_[1-9][0-9
 class SignalVocabulary:
     """Every special token anyverse adds to a tokenizer, derived from the signal-token counts in the config."""
 
-    def __init__(self, counts: dict[Modality, int]):
+    def __init__(self, counts: dict[Modality, int], markers: list[str] | None = None):
+        """``markers``: the tokens added before the signal tokens; anyverse's own unless a checkpoint fixes them."""
         self.counts = {m: counts[m] for m in OUTPUT_MODALITIES if m in counts}
+        ours = [REQUEST_OPEN, REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END]
+        self.markers = ours if markers is None else markers
 
     def signal_tokens(self, modality: Modality) -> list[str]:
         return [f"[{_SIGNAL_PREFIX[modality]}{i}]" for i in range(self.counts[modality])]
@@ -53,7 +56,7 @@ class SignalVocabulary:
     @property
     def special_tokens(self) -> list[str]:
         """Added to the tokenizer as special tokens, in a fixed order (checkpoints depend on it)."""
-        return [REQUEST_OPEN, REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END, *self.all_signal_tokens]
+        return [*self.markers, *self.all_signal_tokens]
 
     def parse_signal(self, token: str) -> tuple[Modality, int] | None:
         match = re.fullmatch(r"\[(IMG|VID|AUD)(\d+)\]", token)
@@ -79,7 +82,7 @@ class MetaResponse(BaseModel):
 def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), modalities: tuple[str, ...] = ()) -> str:
     """JSON schema for constrained decoding: bounded, visible prompt, ``source`` limited to ids that exist, and
     ``modality`` limited to ``modalities`` when given (a reply that must make a video)."""
-    schema: dict[str, Any] = MetaResponse.model_json_schema()
+    schema: dict[str, Any] = json.loads(_meta_schema())  # a fresh copy to edit
     props = schema["properties"]
     if modalities:
         props["modality"]["enum"] = list(modalities)
@@ -89,6 +92,12 @@ def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), mod
     props["prompt"]["pattern"] = rf'^[^\x00-\x20\x7f"\\|][^\x00-\x1f\x7f"\\|]{{0,{max_prompt_chars - 1}}}$'
     props["source"] = {"anyOf": [{"enum": list(media_ids)}, {"type": "null"}]} if media_ids else {"type": "null"}
     return json.dumps(schema)
+
+
+@lru_cache(maxsize=1)
+def _meta_schema() -> str:
+    """pydantic's schema of MetaResponse, built once (it costs milliseconds, and the media ids change every turn)."""
+    return json.dumps(MetaResponse.model_json_schema())
 
 
 def validate_meta(raw: str, max_prompt_chars: int) -> MediaRequest:

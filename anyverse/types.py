@@ -56,14 +56,6 @@ class Media(BaseModel):
         return self.model_copy(update={"id": media_id})
 
 
-class Message(BaseModel):
-    """One conversation turn. Media come before the text for users and after it for the assistant."""
-
-    role: Literal["system", "user", "assistant"]
-    text: str = ""
-    media: list[Media] = Field(default_factory=list)
-
-
 class GenerationOptions(BaseModel):
     """Options every generator understands; plugins may add their own on top."""
 
@@ -92,6 +84,23 @@ class MediaRequest(BaseModel):
         default=None, exclude=True, description="tensors from the output projector (signal mode)"
     )
 
+    def __repr_args__(self):  # type: ignore[no-untyped-def]
+        """Conditioning tensors print as their shapes, so events and results stay readable."""
+        for key, value in super().__repr_args__():
+            if key == "conditioning" and value is not None:
+                value = {k: tuple(getattr(v, "shape", ())) for k, v in value.items()}
+            yield key, value
+
+
+class Message(BaseModel):
+    """One conversation turn. Media come before the text for users and after it for the assistant, whose
+    ``requests`` keep what was asked for (prompt, source, effective seed), one per produced item."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str = ""
+    media: list[Media] = Field(default_factory=list)
+    requests: list[MediaRequest] = Field(default_factory=list)
+
 
 class TextDelta(BaseModel):
     kind: Literal["text"] = "text"
@@ -111,6 +120,16 @@ class MediaProduced(BaseModel):
     seconds: float
 
 
+class MediaProgress(BaseModel):
+    """A generator's step callback, for live progress lines."""
+
+    kind: Literal["progress"] = "progress"
+    index: int = Field(description="order of the request within the reply")
+    modality: Modality
+    step: int
+    total: int
+
+
 class Notice(BaseModel):
     """Something went wrong but the turn goes on: shown to the user as text, never raised."""
 
@@ -118,14 +137,28 @@ class Notice(BaseModel):
     message: str
 
 
-Event = TextDelta | MediaRequested | MediaProduced | Notice
-
-
 class TurnResult(BaseModel):
-    """What one turn returns: the reply text, the media it made, and where time went."""
+    """What one turn returns: the reply text, the media it made, and where time went.
+
+    ``stopped``: the turn was interrupted; nothing was added to the conversation.
+    """
 
     text: str
     media: list[MediaProduced] = Field(default_factory=list)
     notices: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     output_dir: Path | None = None
+    stopped: bool = False
+    user: Message | None = None
+    assistant: Message | None = None
+
+
+class TurnFinished(BaseModel):
+    """Always the last event of a streamed turn."""
+
+    kind: Literal["done"] = "done"
+    result: TurnResult
+
+
+Event = TextDelta | MediaRequested | MediaProgress | MediaProduced | Notice | TurnFinished
+

@@ -32,6 +32,16 @@ def timed(store: dict[str, float], key: str, fn: Callable[..., Any]) -> Callable
     return wrapper
 
 
+def scaled_llm(width: int | None, layers: int | None) -> list[str]:
+    """Config overrides that scale the tiny profile's random LLM (width: hidden size, 4x in the MLP)."""
+    overrides = []
+    if width:
+        overrides += [f"llm.tiny.arch.hidden_size={width}", f"llm.tiny.arch.intermediate_size={4 * width}"]
+    if layers:
+        overrides.append(f"llm.tiny.arch.num_hidden_layers={layers}")
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=5)
@@ -46,12 +56,7 @@ def main() -> None:
     from anyverse.types import Modality
 
     torch.set_num_threads(1)
-    overrides = [f"output.mode={args.mode}"]
-    if args.llm_width:
-        overrides += [f"llm.tiny.arch.hidden_size={args.llm_width}",
-                      f"llm.tiny.arch.intermediate_size={4 * args.llm_width}"]
-    if args.llm_layers:
-        overrides.append(f"llm.tiny.arch.num_hidden_layers={args.llm_layers}")
+    overrides = [f"output.mode={args.mode}", *scaled_llm(args.llm_width, args.llm_layers)]
     session = Anyverse.from_profile("tiny", overrides, output_dir=tempfile.mkdtemp(prefix="anyverse-bench-"))
     compute: dict[str, float] = defaultdict(float)
     llm = session.model.llm.model

@@ -6,13 +6,16 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from anyverse.cli.data import data_app
 from anyverse.cli.errors import fail_cleanly
 from anyverse.cli.eval import eval_app
+from anyverse.cli.logs import logs_app
 from anyverse.cli.train import train_app
 
 app = typer.Typer(help="Any-to-any multimodal assistant: chat in text, image, audio and video.",
@@ -24,17 +27,23 @@ app.add_typer(convert_app, name="convert")
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
+app.add_typer(logs_app, name="logs")
 
-Profile = Annotated[str, typer.Option("--profile", "-p", help="profile name (tiny, default) or a YAML config file")]
+Profile = Annotated[str | None, typer.Option(
+    "--profile", "-p", help="profile name (tiny, toyworld, default) or a YAML config file [default: tiny]")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="config override, e.g. output.mode=signal")]
 Attach = Annotated[list[str] | None, typer.Option(
     "--attach", "-a", help="media file (repeatable); prefix depth: or thermal: for those image kinds")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")]
 Dtype = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16")]
 Mode = Annotated[str | None, typer.Option("--mode", help="how the LLM asks for media: meta or signal")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turn.json")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="directory for media and turns.jsonl")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")]
 Seed = Annotated[int | None, typer.Option(help="seed for sampling and generation")]
+Require = Annotated[list[str] | None, typer.Option(help="the reply must make this modality (repeatable)")]
+Continue = Annotated[bool, typer.Option("--continue", "-c", help="continue the latest logged conversation")]
+Cid = Annotated[str | None, typer.Option("--cid", help="continue the logged conversation with this id")]
+NoLog = Annotated[bool, typer.Option("--no-log", help="keep nothing on disk: no conversation log, no input history")]
 Checkpoint = Annotated[Path | None, typer.Option(
     help="trained checkpoint (or run directory: its newest) to use instead of --profile")]
 
@@ -52,6 +61,49 @@ def _session(profile: str, overrides: list[str], out: Path, checkpoint: Path | N
     return Anyverse.from_profile(profile, overrides, output_dir=out)
 
 
+@dataclass
+class Conversation:
+    """A session plus the log that keeps it: a continued one (``-c``/``--cid``) or a new one, started lazily."""
+
+    session: Any
+    log: Any
+    cid: str | None
+    notices: list[str]
+    start: Callable[[], str]
+
+
+def _conversation(profile: str | None, overrides: list[str], out: Path | None, checkpoint: Path | None,
+                  resume: bool, cid: str | None, no_log: bool) -> Conversation:
+    """Open the log, pick the conversation to continue (its profile, checkpoint and overrides unless given
+    again), load the session and restore the history, re-validating its media."""
+    from anyverse.config import anyverse_home
+    from anyverse.logs import ConversationLog, check_compatible
+
+    log = None if no_log else ConversationLog(anyverse_home() / "logs.db")
+    logged = None
+    if resume or cid:
+        if log is None:
+            raise ValueError("-c/--cid continue a logged conversation; drop --no-log")
+        logged = log.get(cid) if cid else log.latest()
+        profile = profile or logged.profile
+        checkpoint = checkpoint or (Path(logged.checkpoint) if logged.checkpoint else None)
+        overrides = overrides or logged.overrides
+    profile = profile or "tiny"
+    session = _session(profile, overrides, out or anyverse_home() / "media", checkpoint)
+    notices: list[str] = []
+    if logged is not None and log is not None:
+        check_compatible(logged, session.model.base_fingerprint())
+        notices = session.restore(log.history(logged.id))
+
+    def start() -> str:
+        assert log is not None, "a chat without a log never starts one"
+        return log.create(profile, str(checkpoint) if checkpoint else None, overrides,
+                          session.config.model_dump(mode="json"), session.config.fingerprint(),
+                          session.model.base_fingerprint())
+
+    return Conversation(session, log, logged.id if logged else None, notices, start)
+
+
 def _attachments(session, specs: list[str] | None) -> list:  # type: ignore[no-untyped-def]
     """``PATH`` or ``depth:PATH`` / ``thermal:PATH``, validated before the turn starts."""
     from anyverse.types import Modality
@@ -66,30 +118,16 @@ def _attachments(session, specs: list[str] | None) -> list:  # type: ignore[no-u
     return loaded
 
 
-def _modality(name: str | None):
+def _modality(name: str):
     from anyverse.types import OUTPUT_MODALITIES, Modality
 
-    if name is None:
-        return None
     if name not in {m.value for m in OUTPUT_MODALITIES}:
         raise ValueError(f"--require {name}: choose image, video or audio")
     return Modality(name)
 
 
-def _print_events(events, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    from anyverse.types import MediaProduced, Notice, TextDelta
-
-    for event in events:
-        if as_json:
-            continue
-        if isinstance(event, TextDelta):
-            typer.echo(event.text, nl=False)
-        elif isinstance(event, MediaProduced):
-            typer.echo(f"\n[{event.media.id}] {event.media.modality.value}: {event.media.path}")
-        elif isinstance(event, Notice):
-            typer.echo(f"\n[note] {event.message}", err=True)
-    if not as_json:
-        typer.echo("")
+def _required(names: list[str] | None) -> set:
+    return {_modality(n) for n in names or []}
 
 
 @app.command()
@@ -97,58 +135,71 @@ def _print_events(events, as_json: bool) -> None:  # type: ignore[no-untyped-def
 def run(
     prompt: Annotated[str, typer.Argument(help="what to say")],
     attach: Attach = None,
-    profile: Profile = "tiny",
+    profile: Profile = None,
     overrides: Overrides = None,
     out: Out = Path("anyverse-out"),
     as_json: Json = False,
-    require: Annotated[str | None, typer.Option(help="the reply must make this modality")] = None,
+    require: Require = None,
     seed: Seed = None,
     device: Device = None,
     dtype: Dtype = None,
     mode: Mode = None,
     checkpoint: Checkpoint = None,
+    resume: Continue = False,
+    cid: Cid = None,
+    no_log: NoLog = False,
 ) -> None:
-    """One turn: text and media in, text and media out (media and turn.json go to --out)."""
-    session = _session(profile, _overrides(overrides, device, dtype, mode), out, checkpoint)
-    media = _attachments(session, attach)
-    if as_json:
-        result = session.turn(prompt, media, require=_modality(require), seed=seed)
-        typer.echo(result.model_dump_json())
-        return
-    _print_events(session.stream(prompt, media, require=_modality(require), seed=seed), False)
+    """One turn: text and media in, text and media out (media and turns.jsonl go to --out); logged, and with -c
+    it continues the latest conversation."""
+    from anyverse.cli.chat import PlainIO, ResultIO, Settings, chat_for
+
+    chat = chat_for(_conversation(profile, _overrides(overrides, device, dtype, mode), out, checkpoint, resume, cid,
+                                  no_log), ResultIO() if as_json else PlainIO(), Settings(seed, {}, _required(require)))
+    for spec in attach or []:
+        chat.stage(spec)
+    chat.send(prompt, chat.staged)
 
 
 @app.command()
 @fail_cleanly
 def chat(
-    profile: Profile = "tiny",
+    attach: Attach = None,
+    profile: Profile = None,
     overrides: Overrides = None,
-    out: Out = Path("anyverse-out"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="directory for generated media "
+                                             "(default: $ANYVERSE_HOME/media)")] = None,
+    as_json: Json = False,
+    require: Require = None,
     seed: Seed = None,
     device: Device = None,
     dtype: Dtype = None,
     mode: Mode = None,
     checkpoint: Checkpoint = None,
+    resume: Continue = False,
+    cid: Cid = None,
+    no_log: NoLog = False,
 ) -> None:
-    """Interactive chat. Lines are messages; '/attach PATH' adds media to the next one; '/quit' ends."""
-    from anyverse.media import MediaError
+    """Chat in the terminal with any media: /attach PATH (or paste a path), /media, /retry, /undo, /help.
+    Conversations are logged and continue with -c; piped stdin gives one message per line."""
+    from anyverse.cli.chat import JsonIO, PlainIO, Settings, TerminalIO, chat_for
 
-    session = _session(profile, _overrides(overrides, device, dtype, mode), out, checkpoint)
-    pending: list[str] = []
-    for line in sys.stdin:
-        text = line.strip()
-        if text == "/quit":
-            break
-        if text.startswith("/attach "):
-            pending.append(text.removeprefix("/attach ").strip())
-            continue
-        if not text:
-            continue
-        try:
-            _print_events(session.stream(text, _attachments(session, pending), seed=seed), False)
-        except (MediaError, ValueError) as err:
-            typer.echo(f"anyverse: error: {err}", err=True)
-        pending = []
+    from anyverse.config import anyverse_home
+
+    if as_json:
+        io: Any = JsonIO()
+    elif sys.stdin.isatty() and sys.stdout.isatty():
+        io = TerminalIO(None if no_log else anyverse_home() / "chat-history")
+    else:
+        io = PlainIO()
+    conversation = _conversation(profile, _overrides(overrides, device, dtype, mode), out, checkpoint, resume, cid,
+                                 no_log)
+    repl = chat_for(conversation, io, Settings(seed, {}, _required(require)))
+    if isinstance(io, TerminalIO):
+        io.info(f"anyverse chat · profile {repl.session.config.profile} · conversation "
+                f"{conversation.cid or 'new'} · /help lists commands, Ctrl-D leaves")
+    for spec in attach or []:
+        repl.handle(f"/attach {spec}")
+    repl.loop()
 
 
 @app.command()
@@ -172,7 +223,7 @@ def generate(
     from anyverse.session import save_generated
     from anyverse.types import GenerationOptions, MediaRequest
 
-    config = load_config(profile, _overrides(overrides, device, dtype, None))
+    config = load_config(profile or "tiny", _overrides(overrides, device, dtype, None))
     target = _modality(modality)
     torch_device = resolve_device(config.runtime.device)
     pool = GeneratorPool(config.generators, torch_device, resolve_dtype(config.runtime.dtype, torch_device),
@@ -180,6 +231,36 @@ def generate(
     request = MediaRequest(modality=target, prompt=prompt, options=GenerationOptions(seed=seed, steps=steps))
     media = save_generated(pool.get(target).generate(request), out)
     typer.echo(media.model_dump_json() if as_json else str(media.path))
+
+
+@app.command()
+@fail_cleanly
+def serve(
+    profile: Profile = "tiny",
+    overrides: Overrides = None,
+    checkpoint: Checkpoint = None,
+    out: Out = Path("anyverse-out"),
+    host: Annotated[str, typer.Option(help="address to bind; other than loopback needs an API key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="ANYVERSE_API_KEY", help="required Bearer key")] = None,
+    served_model_name: Annotated[str, typer.Option(help="the model name clients ask for")] = "anyverse",
+    max_queue: Annotated[int, typer.Option(min=1, help="requests that may wait; more get 429")] = 16,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 64.0,
+    media_ttl: Annotated[float, typer.Option(min=1, help="seconds media URLs and audio ids stay valid")] = 3600.0,
+    allow_remote_media: Annotated[bool, typer.Option(help="fetch http(s) media URLs (size and time capped)")] = False,
+    device: Device = None,
+    dtype: Dtype = None,
+    mode: Mode = None,
+) -> None:
+    """OpenAI-compatible server: /v1/chat/completions (media in and out), /v1/images/*, /v1/models, /health."""
+    from anyverse.serve import check_host, run, settings
+
+    check_host(host, api_key)
+    server = settings(profile or "tiny", _overrides(overrides, device, dtype, mode), checkpoint, out,
+                      served_model_name=served_model_name, api_key=api_key, max_queue=max_queue,
+                      max_body_mb=max_body_mb, media_ttl=media_ttl, allow_remote_media=allow_remote_media)
+    typer.echo(f"anyverse: serving {served_model_name!r} at http://{host}:{port}/v1", err=True)
+    run(server, host, port)
 
 
 @debug_app.command("parse")
@@ -192,14 +273,15 @@ def debug_parse(
 ) -> None:
     """Read raw model output on stdin; print the parser's events as JSON lines."""
     from anyverse.config import load_config
+    from anyverse.session import clean_text
     from anyverse.signals import SignalVocabulary, StreamParser
 
     if mode not in ("meta", "signal"):
         raise ValueError(f"--mode {mode}: choose meta or signal")
-    config = load_config(profile, overrides)
+    config = load_config(profile or "tiny", overrides)
     parser_mode: Literal["meta", "signal"] = "meta" if mode == "meta" else "signal"
     parser = StreamParser(SignalVocabulary(config.output.signal_tokens), parser_mode, config.output.max_prompt_chars)
-    raw = sys.stdin.read()
+    raw = clean_text(sys.stdin.buffer.read().decode("utf-8", "replace"))
     events = [e for i in range(0, len(raw), chunk) for e in parser.feed(raw[i : i + chunk])] + parser.close()
     for event in events:
         typer.echo(event.model_dump_json())
@@ -218,7 +300,7 @@ def debug_prompt(
     mode: Mode = None,
 ) -> None:
     """Show the assembled context: tokens, and where each media item's soft tokens go."""
-    session = _session(profile, _overrides(overrides, device, dtype, mode), Path("anyverse-out"))
+    session = _session(profile or "tiny", _overrides(overrides, device, dtype, mode), Path("anyverse-out"))
     context = session.context([session.user_message(text, _attachments(session, attach))])
     tokenizer = session.model.llm.tokenizer
     report = {
@@ -243,6 +325,22 @@ def convert_imagebind(
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such checkpoint file")
     typer.echo(str(convert_checkpoint(src, dst)))
+
+
+@convert_app.command("nextgpt")
+@fail_cleanly
+def convert_nextgpt(
+    src: Annotated[Path, typer.Argument(help="NExT-GPT's delta checkpoint: pytorch_model.pt (7b_tiva_v0)")],
+    dst: Annotated[Path, typer.Argument(help="output directory (adapter/, projectors.safetensors, manifests)")],
+    added_tokens: Annotated[Path | None, typer.Option(help="the checkpoint's added_tokens.json (token ids)")] = None,
+) -> None:
+    """Convert NExT-GPT's released checkpoint (loaded with weights_only=True) for the nextgpt profile."""
+    from anyverse.nextgpt import convert
+
+    result = convert(src, dst, added_tokens)
+    for line in result.lines:
+        typer.echo(line)
+    typer.echo(str(result.directory))
 
 
 def main() -> None:

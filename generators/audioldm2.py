@@ -47,7 +47,7 @@ class AudioLDM2Generator(DiffusersGenerator[AudioLDM2Options]):
             build_tiny=build_tiny, usual_weights="cvssp/audioldm2",
         )
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         """T5 states padded to the T5 tokenizer's length, and the GPT-2 states (one per generated step)."""
         rt = self._runtime
         return {

@@ -45,7 +45,7 @@ class StableDiffusionGenerator(DiffusersGenerator[StableDiffusionOptions]):
         )
         self._img2img: Any = None
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         return clip_conditioning_spec(self._runtime)
 
     def unload(self) -> None:
@@ -120,7 +120,7 @@ def vae_pixels(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 
-def clip_conditioning_spec(runtime: DiffusersRuntime[Any]) -> dict[str, tuple[int, int]]:
+def clip_conditioning_spec(runtime: DiffusersRuntime[Any]) -> dict[str, tuple[int, ...]]:
     """CLIP text-encoder hidden states, padded to the tokenizer's length, as the pipeline's encode_prompt makes them."""
     length = runtime.config_int(
         ("tokenizer/tokenizer_config.json", "model_max_length"), ("text_encoder/config.json", "max_position_embeddings")

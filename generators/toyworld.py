@@ -54,7 +54,7 @@ class ToyWorldGenerator:
     def memory_bytes(self) -> int:
         return 0
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         return {CONDITIONING: (1, len(self.words))}
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -41,7 +41,7 @@ class ZeroscopeGenerator(DiffusersGenerator[ZeroscopeOptions]):
             build_tiny=build_tiny, usual_weights="cerspense/zeroscope_v2_576w",
         )
 
-    def conditioning_spec(self) -> dict[str, tuple[int, int]]:
+    def conditioning_spec(self) -> dict[str, tuple[int, ...]]:
         return sd.clip_conditioning_spec(self._runtime)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -31,9 +31,10 @@ def embeds(session: Anyverse) -> torch.Tensor:
 def decode(session: Anyverse, embeds: torch.Tensor, budget: int, seed: int, closing: bool = True) -> list[int]:
     """The raw reply ids under the grammar and constraints a session uses, with ``budget`` new tokens."""
     llm, prompt_chars = session.model.llm, session.config.output.max_prompt_chars
-    processors = [grammar_processor(llm, prompt_chars, (), Modality.IMAGE),
-                  RequestConstraints(llm, "meta", budget, Modality.IMAGE, meta_reserve=budget - 2,
-                                     closer=request_closer(llm, prompt_chars, (), Modality.IMAGE) if closing else None)]
+    image = frozenset({Modality.IMAGE})
+    processors = [grammar_processor(llm, prompt_chars, (), image),
+                  RequestConstraints(llm, "meta", budget, image, meta_reserve=budget - 2,
+                                     closer=request_closer(llm, prompt_chars, (), image) if closing else None)]
     stream = GenerationStream(llm, embeds, processors, budget, temperature=1.0, top_p=1.0, seed=seed)
     list(stream)
     return stream.ids
@@ -70,7 +71,7 @@ def test_request_json_has_no_free_whitespace(session: Anyverse, embeds: torch.Te
 
 def test_a_request_that_cannot_fit_is_not_opened(session: Anyverse) -> None:
     llm = session.model.llm
-    closer = request_closer(llm, 24, (), None)
+    closer = request_closer(llm, 24, ())
     assert closer is not None
     constraints = RequestConstraints(llm, "meta", 40, closer=closer)
     opening = llm.token_id(REQUEST_OPEN)

@@ -494,3 +494,14 @@ def test_media_from_bytes_refusals_leave_nothing(tmp_path: Path, name: str, data
         media_from_bytes(data, name, CAPS, uploads)
     assert name in str(info.value)
     assert not uploads.exists() or not list(uploads.iterdir())
+
+
+def test_non_finite_float_audio_decodes_as_silence_there(tmp_path: Path) -> None:
+    samples = sine(1.0, 16000)
+    samples[100:200], samples[300], samples[400] = np.nan, np.inf, -np.inf
+    path = tmp_path / "nan.wav"
+    sf.write(path, samples, 16000, subtype="FLOAT")
+    media = load_media(path, CAPS)
+    whole, clips = decode_audio(media, CAPS), decode_audio_clips(media, CAPS, 2, 0.5)
+    assert np.isfinite(whole).all() and np.isfinite(clips).all()
+    assert np.allclose(whole[150], 0.0) and np.abs(whole[1000:2000]).max() > 0.4

@@ -13,7 +13,6 @@ from anyverse.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner
 
-from anyverse.media import save_audio, save_image, save_video
 from anyverse.session import Anyverse
 from anyverse.signals import MEDIA_TOKEN, REQUEST_OPEN
 from anyverse.types import Modality, TextDelta
@@ -26,19 +25,6 @@ runner = CliRunner()
 def session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Anyverse:
     return Anyverse.from_profile("tiny", [f"output.mode={request.param}"],
                                  output_dir=tmp_path_factory.mktemp(f"out-{request.param}"))
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One file per input modality, written by the project's own writers."""
-    folder = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    tone = np.sin(np.linspace(0, 440 * 2 * np.pi, 16000)).astype(np.float32) * 0.5
-    return {
-        "image": save_image(rng.random((40, 48, 3)), folder).path,
-        "audio": save_audio(tone, 16000, folder).path,
-        "video": save_video(rng.random((8, 32, 32, 3)), 8, folder).path,
-    }
 
 
 def check_file(path: Path, modality: Modality) -> None:
@@ -68,9 +54,11 @@ def test_a_turn_routes_each_modality_to_its_generator(session: Anyverse, modalit
         assert item.request.prompt
     check_file(item.media.path, modality)
     assert item.media.path.parent == session.output_dir and item.media.path.stem == item.media.sha256[:16]
-    manifest = json.loads((session.output_dir / "turn.json").read_text())
-    assert manifest["config"]["output"]["mode"] == session.config.output.mode
-    assert manifest["result"]["media"][0]["media"]["sha256"] == item.media.sha256
+    record = json.loads((session.output_dir / "turns.jsonl").read_text().splitlines()[-1])
+    config = json.loads((session.output_dir / f"config-{record['config']}.json").read_text())
+    assert config["output"]["mode"] == session.config.output.mode
+    assert record["result"]["media"][0]["media"]["sha256"] == item.media.sha256
+    assert record["result"]["assistant"]["requests"][0]["options"]["seed"] is not None  # the seed actually used
 
 
 def test_generated_media_is_spliced_into_the_next_turn(session: Anyverse) -> None:
@@ -130,8 +118,8 @@ def test_cli_run_json(tmp_path: Path, inputs: dict[str, Path]) -> None:
     reply = json.loads(result.stdout)
     assert reply["media"][0]["media"]["modality"] == "image"
     assert Path(reply["media"][0]["media"]["path"]).is_file()
-    manifest = json.loads((out / "turn.json").read_text())
-    assert manifest["inputs"][0]["sha256"] == json.loads(
+    record = json.loads((out / "turns.jsonl").read_text())
+    assert record["result"]["user"]["media"][0]["sha256"] == json.loads(
         runner.invoke(app, ["debug", "prompt", "x", "--attach", str(inputs["image"]), "--json"]).stdout
     )["media"][0]["sha256"]
 
@@ -184,9 +172,9 @@ def test_cli_debug_prompt_shows_media_slots(inputs: dict[str, Path]) -> None:
 def test_cli_run_streams_text_and_writes_the_manifest(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", "draw", "--require", "video", "--seed", "0", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((tmp_path / "turn.json").read_text())
-    video = Path(manifest["result"]["media"][0]["media"]["path"])
-    assert f"[{manifest['result']['media'][0]['media']['id']}] video: {video}" in result.stdout
+    record = json.loads((tmp_path / "turns.jsonl").read_text())
+    video = Path(record["result"]["media"][0]["media"]["path"])
+    assert f"[{record['result']['media'][0]['media']['id']}] video: {video}" in result.stdout
     check_file(video, Modality.VIDEO)
 
 
@@ -206,12 +194,3 @@ def test_loaded_media_get_one_id_per_turn(tmp_path: Path, inputs: dict[str, Path
     assert item.id is None
     session.turn("look", [item], seed=0)
     assert [m.id for m in session.history[-2].media] == ["img_1"] and list(session.media) == ["img_1"]
-
-
-def test_cli_chat_survives_a_bad_attachment(tmp_path: Path, inputs: dict[str, Path]) -> None:
-    script = f"/attach {inputs['image']}\nwhat is this?\n/attach {tmp_path / 'missing.png'}\nand this?\nbye\n/quit\n"
-    result = runner.invoke(app, ["chat", "--seed", "0", "--out", str(tmp_path)], input=script)
-    assert result.exit_code == 0, result.output
-    assert "missing.png" in result.stderr and "Traceback" not in result.output  # a bad file ends only that turn
-    manifest = json.loads((tmp_path / "turn.json").read_text())
-    assert manifest["inputs"] == []  # the last turn ("bye") had no attachments

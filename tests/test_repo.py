@@ -28,3 +28,9 @@ def test_import_is_light_and_exports_resolve() -> None:
     probe = "import sys, anyverse; assert 'torch' not in sys.modules; print(anyverse.Anyverse.__name__)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Anyverse"
+
+
+@pytest.mark.parametrize("command", [["ruff", "check", "."], ["mypy"]], ids=["ruff", "mypy"])
+def test_lint_and_type_checks_are_clean(command: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

@@ -96,7 +96,6 @@ def routing_accuracy(model: AnyverseModel, dialogs: list[Dialog], modes: Sequenc
             "llm": model.config.llm.model_copy(update={"temperature": 0.0})})
         session = Anyverse(config, output_dir=Path("."), model=model)
         for dialog in dialogs:
-            session.media = {str(m.id): m for message in dialog.history for m in message.media}
             expected = dialog.reply
             text, requests, _ = session.draft(dialog.history)
             routed = [r.modality for r in requests] == [Modality(r.modality) for r in expected.requests]

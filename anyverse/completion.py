@@ -102,8 +102,7 @@ class _Reader:
     def _object(self, schema: dict[str, Any]) -> str | None:
         names = list(schema.get("properties", {}))
         required = set(schema.get("required", ()))
-        if (rest := self._literal(["{"])) is not None:
-            return rest + self._members(schema, names, required, first=True)
+        self._literal(["{"])  # value() handled an empty rest, so this consumes "{" or raises
         first = True
         while True:
             if self.pos == len(self.text):
@@ -166,8 +165,7 @@ class _Reader:
 
     def _array(self, schema: dict[str, Any]) -> str | None:
         items, low = schema.get("items", {}), schema.get("minItems", 0)
-        if (rest := self._literal(["["])) is not None:
-            return rest + self._items_rest(items, low, 0)
+        self._literal(["["])
         count = 0
         while True:
             if self.pos == len(self.text):
@@ -186,8 +184,7 @@ class _Reader:
         return ("" if count == 0 or not missing else ", ") + ", ".join(missing) + "]"
 
     def _string(self, schema: dict[str, Any]) -> str | None:
-        if (rest := self._literal(['"'])) is not None:
-            return rest + self.minimal(schema)[1:]
+        self._literal(['"'])
         chars = 0
         while self.pos < len(self.text):
             char = self.text[self.pos]

@@ -74,7 +74,8 @@ class ToyWorldGenerator:
         data = toyworld.render(self.modality, attributes, rng)
         if self.modality == Modality.AUDIO:
             return GeneratedMedia(self.modality, data, sample_rate=toyworld.SAMPLE_RATE)
-        return GeneratedMedia(self.modality, data.astype(np.float32) / 255.0, fps=toyworld.FPS)
+        fps = toyworld.FPS if self.modality == Modality.VIDEO else None
+        return GeneratedMedia(self.modality, data.astype(np.float32) / 255.0, fps=fps)
 
     def _named(self, request: MediaRequest) -> dict[str, str]:
         """The attributes the prompt names, or the nearest toy caption to signal-mode conditioning."""

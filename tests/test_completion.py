@@ -56,3 +56,9 @@ def test_an_unfinished_utf8_character_is_finished_first() -> None:
 def test_a_prefix_no_valid_request_starts_with_is_refused(prefix: str) -> None:
     with pytest.raises(Incomplete):
         shortest_completion(prefix, SCHEMA)
+
+
+@pytest.mark.parametrize(("prefix", "rest"), [("", "[0, 0]"), ("[", "0, 0]"), ("[7", ", 0]"), ("[7,", " 0]"),
+                                              ("[7, 8", "]"), ("[7, 8, 9", "]")])
+def test_arrays_get_the_items_they_still_need(prefix: str, rest: str) -> None:
+    assert shortest_completion(prefix, {"type": "array", "items": {"type": "integer"}, "minItems": 2}) == rest

@@ -3,22 +3,26 @@
 ``RequestConstraints`` is a stateless logits processor (it reads the generated ids each step): soft-token
 placeholders are never generated, a started signal run is completed in order (NExT-GPT asserted instead, #66),
 the other mode's syntax is masked, and ``require`` reserves the end of the token budget for a request.
-``xgrammar`` (when installed) constrains the JSON inside meta-response markers to the schema.
+``xgrammar`` (when installed) constrains the JSON inside meta-response markers to the schema, written compactly
+(no free whitespace), and a ``RequestCloser`` finishes an open request validly before the budget runs out.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from anyverse.completion import Incomplete, shortest_completion
 from anyverse.llm import LoadedLLM
 from anyverse.signals import MEDIA_END, MEDIA_START, MEDIA_TOKEN, REQUEST_CLOSE, REQUEST_OPEN, meta_json_schema
 from anyverse.types import Modality
@@ -35,6 +39,7 @@ class RequestConstraints(LogitsProcessor):
     max_new_tokens: int
     require: frozenset[Modality] = frozenset()
     meta_reserve: int = 0
+    closer: RequestCloser | None = None
     _ids: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,7 @@ class RequestConstraints(LogitsProcessor):
                 scores[row, self._later_signals] = float("-inf")
             if self._missing(ids):
                 scores[row, self.llm.stop_ids] = float("-inf")
+            self._keep_closable(scores[row], ids)
             if not torch.isfinite(scores[row]).any():  # the rules conflict with a grammar: the grammar wins
                 scores[row] = allowed
         return scores
@@ -81,16 +87,46 @@ class RequestConstraints(LogitsProcessor):
             if missing and remaining <= sum(len(self._runs[m]) for m in missing):
                 return self._runs[missing[0]][0]
             return None
-        opened = self._open_request(ids)
-        if opened and remaining <= 1:
-            return self._ids[REQUEST_CLOSE]
-        if not opened and remaining <= self.meta_reserve * len(self._missing(ids)):
+        body = self._open_request(ids)
+        if body is not None:
+            plan = self.closer.plan(body) if self.closer else None
+            if plan is not None and remaining <= len(plan):  # the budget left is what closing takes: close
+                return plan[0]
+            return self._ids[REQUEST_CLOSE] if plan is None and remaining <= 1 else None
+        if remaining <= self.meta_reserve * len(self._missing(ids)):
             return self._ids[REQUEST_OPEN]
         return None
 
-    def _open_request(self, ids: list[int]) -> bool:
+    def _keep_closable(self, scores: torch.Tensor, ids: list[int]) -> None:
+        """Near the end of the budget, allow only tokens after which a request can still close in time (of the
+        ``_CANDIDATES`` likeliest), so no token opens more than the budget can finish."""
+        if self.closer is None:
+            return
+        remaining = self.max_new_tokens - len(ids)
+        body = self._open_request(ids)
+        if body is None:
+            if remaining <= self.closer.window:  # not even the shortest request fits after the marker
+                scores[self._ids[REQUEST_OPEN]] = float("-inf")
+            return
+        if (plan := self.closer.plan(body)) is None:
+            return
+        if remaining > len(plan) + self.closer.window or not torch.isfinite(scores[plan[0]]):
+            return
+        keep = [plan[0]]
+        for token in torch.topk(scores, _CANDIDATES).indices.tolist():
+            after = self.closer.plan([*body, token]) if token != plan[-1] else []
+            if torch.isfinite(scores[token]) and after is not None and len(after) <= remaining - 1:
+                keep.append(token)
+        kept = scores[keep].clone()
+        scores.fill_(float("-inf"))
+        scores[keep] = kept
+
+    def _open_request(self, ids: list[int]) -> list[int] | None:
+        """The body of a request still open at the end of ``ids`` (meta mode), else None."""
         opens = [i for i, t in enumerate(ids) if t == self._ids[REQUEST_OPEN]]
-        return bool(opens) and self._ids[REQUEST_CLOSE] not in ids[opens[-1] :]
+        if not opens or self._ids[REQUEST_CLOSE] in ids[opens[-1] :]:
+            return None
+        return ids[opens[-1] + 1 :]
 
     def _missing(self, ids: list[int]) -> list[Modality]:
         """Required modalities the reply has not asked for yet (meta: the grammar limits requests to the required
@@ -101,43 +137,122 @@ class RequestConstraints(LogitsProcessor):
         return required[ids.count(self._ids[REQUEST_OPEN]):]
 
 
+_CANDIDATES = 8  # tokens checked near the end of the budget, likeliest first
+
+
+@dataclass
+class RequestCloser:
+    """Plans the tokens that finish an open meta-response validly: the shortest completion of its JSON under the
+    schema, tokenised greedily (longest vocabulary entry first), then the end marker."""
+
+    schema: dict
+    token_bytes: list[bytes]  # what each token id decodes to
+    by_bytes: dict[bytes, int]  # ordinary tokens by their bytes, for tokenising a completion
+    close_id: int
+
+    def __post_init__(self) -> None:
+        self._longest = max(map(len, self.by_bytes))
+        self._plans: dict[tuple[int, ...], list[int] | None] = {}  # one reply's bodies: a step asks up to 10 times
+        plan = self.plan([])
+        self.window = len(plan) if plan else 0  # about the most one token can add to what closing takes
+
+    def plan(self, body: list[int]) -> list[int] | None:
+        """Token ids that close a request whose body so far is ``body``; None if it is not a valid start."""
+        if (key := tuple(body)) not in self._plans:
+            self._plans[key] = self._plan(body)
+        return self._plans[key]
+
+    def _plan(self, body: list[int]) -> list[int] | None:
+        text = b"".join(self.token_bytes[i] for i in body).decode("latin-1")
+        try:
+            rest = shortest_completion(text, self.schema).encode("latin-1")
+        except Incomplete:
+            return None
+        tokens, start = [], 0
+        while start < len(rest):
+            size = next((n for n in range(min(self._longest, len(rest) - start), 0, -1)
+                         if rest[start : start + n] in self.by_bytes), 0)
+            if not size:
+                return None
+            tokens.append(self.by_bytes[rest[start : start + size]])
+            start += size
+        return [*tokens, self.close_id]
+
+
+def _meta_schema(max_prompt_chars: int, media_ids: tuple[str, ...], require: frozenset[Modality],
+                 generators: tuple[str, ...] = (), options: str | None = None) -> dict:
+    return json.loads(meta_json_schema(max_prompt_chars, media_ids, tuple(sorted(m.value for m in require)),
+                                       generators, options))
+
+
+def _tokenizer_info(llm: LoadedLLM) -> Any:
+    import xgrammar as xgr
+
+    if "tokenizer-info" not in llm.grammar_cache:  # vocab_size: the logits width, also under peft wrappers
+        llm.grammar_cache["tokenizer-info"] = xgr.TokenizerInfo.from_huggingface(
+            llm.tokenizer, vocab_size=int(llm.model.config.vocab_size))
+    return llm.grammar_cache["tokenizer-info"]
+
+
+def request_closer(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...],
+                   require: frozenset[Modality] = frozenset(), generators: tuple[str, ...] = (),
+                   options: str | None = None) -> RequestCloser | None:
+    """The closer for the schema ``grammar_processor`` decodes under; None without xgrammar (it reads the
+    token bytes from xgrammar's tokenizer info)."""
+    if importlib.util.find_spec("xgrammar") is None:
+        return None
+    if "token-bytes" not in llm.grammar_cache:
+        info = _tokenizer_info(llm)
+        special = set(info.special_token_ids) | set(llm.tokenizer.all_special_ids)
+        token_bytes = [bytes(b) for b in info.decoded_vocab]
+        by_bytes: dict[bytes, int] = {}
+        for i, piece in enumerate(token_bytes):
+            if piece and i not in special:
+                by_bytes.setdefault(piece, i)
+        llm.grammar_cache["token-bytes"] = (token_bytes, by_bytes)
+    token_bytes, by_bytes = llm.grammar_cache["token-bytes"]
+    return RequestCloser(_meta_schema(max_prompt_chars, media_ids, require, generators, options), token_bytes,
+                         by_bytes, llm.token_id(REQUEST_CLOSE))
+
+
 def grammar_processor(llm: LoadedLLM, max_prompt_chars: int, media_ids: tuple[str, ...],
                       require: frozenset[Modality] = frozenset(), generators: tuple[str, ...] = (),
                       options: str | None = None):
-    """xgrammar processor: free text, and schema-valid JSON between request markers (``generators`` and
-    ``options`` as ``meta_json_schema`` takes them). None if not installed."""
+    """xgrammar processor: free text, and schema-valid compact JSON (no free whitespace) between request markers
+    (``generators`` and ``options`` as ``meta_json_schema`` takes them). None if not installed."""
     try:
         import xgrammar as xgr
     except ImportError:
         return None
-    from xgrammar.structural_tag import (
-        JSONSchemaFormat,
-        StructuralTag,
-        TagFormat,
-        TokenFormat,
-        TokenTriggeredTagsFormat,
-    )
+    schema = _meta_schema(max_prompt_chars, media_ids, require, generators, options)
+    key = f"{json.dumps(schema)}|{sorted(require)}"
+    if key not in llm.grammar_cache:  # compiling costs ~10 ms a turn; the processor itself is single-use
+        llm.grammar_cache[key] = xgr.GrammarCompiler(_tokenizer_info(llm)).compile_structural_tag(
+            _request_tag(llm, schema, bool(require)))
+    return xgr.contrib.hf.LogitsProcessor(llm.grammar_cache[key])
 
+
+def _request_tag(llm: LoadedLLM, schema: dict, at_least_one: bool) -> Any:
+    """Free text; after the request marker, the schema's compact JSON (xgrammar's JSONSchemaFormat allows free
+    whitespace, or runs of it when bounded), then the end marker."""
+    import xgrammar as xgr
+    from xgrammar.structural_tag import GrammarFormat, StructuralTag, TagFormat, TokenFormat, TokenTriggeredTagsFormat
+
+    for bound in ("minLength", "maxLength"):  # the prompt's pattern bounds its length; xgrammar warns beside it
+        schema["properties"]["prompt"].pop(bound, None)
     open_id, close_id = llm.token_id(REQUEST_OPEN), llm.token_id(REQUEST_CLOSE)
     excluded: list[int | str] = [llm.token_id(t) for t in (REQUEST_CLOSE, MEDIA_START, MEDIA_TOKEN, MEDIA_END,
-                                          *llm.vocab.all_signal_tokens)]
-    schema = meta_json_schema(max_prompt_chars, media_ids, tuple(sorted(m.value for m in require)), generators,
-                              options)
-    tag = StructuralTag(
+                                                           *llm.vocab.all_signal_tokens)]
+    compact = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    return StructuralTag(
         format=TokenTriggeredTagsFormat(
             trigger_tokens=[open_id],
-            tags=[TagFormat(begin=TokenFormat(token=open_id), content=JSONSchemaFormat(json_schema=json.loads(schema)),
+            tags=[TagFormat(begin=TokenFormat(token=open_id), content=GrammarFormat(grammar=compact),
                             end=TokenFormat(token=close_id))],
             exclude_tokens=excluded,
-            at_least_one=bool(require),
+            at_least_one=at_least_one,
         )
     )
-    key = tag.model_dump_json()
-    if key not in llm.grammar_cache:  # compiling costs ~10 ms a turn; the processor itself is single-use
-        vocab_size = int(llm.model.config.vocab_size)  # the logits width, also under peft wrappers
-        info = xgr.TokenizerInfo.from_huggingface(llm.tokenizer, vocab_size=vocab_size)
-        llm.grammar_cache[key] = xgr.GrammarCompiler(info).compile_structural_tag(tag)
-    return xgr.contrib.hf.LogitsProcessor(llm.grammar_cache[key])
 
 
 class _TextStreamer(BaseStreamer):

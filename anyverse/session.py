@@ -24,7 +24,7 @@ import torch
 
 from anyverse.checkpoint import checkpoint_config
 from anyverse.config import AnyverseConfig, anyverse_home, load_config
-from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor
+from anyverse.decoding import GenerationStream, RequestConstraints, grammar_processor, request_closer
 from anyverse.devices import resolve_device, resolve_dtype
 from anyverse.encoders.imagebind import check_encoder_weights
 from anyverse.llm import check_llm_weights
@@ -287,18 +287,8 @@ class Anyverse:
         out, llm_cfg = self.config.output, self.config.llm
         required = required_set(require)
         parser = StreamParser(self.model.llm.vocab, out.mode, out.max_prompt_chars)
-        processors: list = []
-        grammar = None
-        if out.mode == "meta" and out.constrained != "none":
-            routing = ((self.generators.choices(), self.generators.options_schema()) if out.name_generators
-                       else ((), None))
-            grammar = grammar_processor(self.model.llm, out.max_prompt_chars, media_ids, required, *routing)
-            if grammar is None and out.constrained == "xgrammar":
-                raise ValueError("output.constrained=xgrammar but xgrammar is not installed")
-            if grammar is not None:
-                processors.append(grammar)
-        processors.append(RequestConstraints(self.model.llm, out.mode, llm_cfg.max_new_tokens, required,
-                                             self._meta_reserve))
+        processors = self.processors(required, media_ids)
+        grammar = len(processors) > 1  # a grammar backend constrains the request JSON
         stream = GenerationStream(self.model.llm, embeds, processors, llm_cfg.max_new_tokens,
                                   llm_cfg.temperature, llm_cfg.top_p, seed, stop)
         events: list[Event] = []
@@ -311,7 +301,7 @@ class Anyverse:
         for event in parser.close():
             events.append(event)
             yield event
-        if parser.failed_requests and grammar is None and out.mode == "meta":
+        if parser.failed_requests and not grammar and out.mode == "meta":
             for event in self._retry_request(embeds, stream.ids, seed):
                 events.append(event)
                 yield event
@@ -322,6 +312,23 @@ class Anyverse:
             reply.notices.append(notice.message)
             yield notice
         return reply
+
+    def processors(self, required: frozenset[Modality], media_ids: tuple[str, ...]) -> list:
+        """A reply's logits processors (single-use): in meta mode the request grammar when a backend is installed,
+        then the token rules, with the closer that finishes an open request in time."""
+        llm, out = self.model.llm, self.config.output
+        grammar, closer = None, None
+        if out.mode == "meta" and out.constrained != "none":
+            routing = ((self.generators.choices(), self.generators.options_schema()) if out.name_generators
+                       else ((), None))
+            grammar = grammar_processor(llm, out.max_prompt_chars, media_ids, required, *routing)
+            if grammar is None and out.constrained == "xgrammar":
+                raise ValueError("output.constrained=xgrammar but xgrammar is not installed")
+            if grammar is not None:
+                closer = request_closer(llm, out.max_prompt_chars, media_ids, required, *routing)
+        constraints = RequestConstraints(llm, out.mode, self.config.llm.max_new_tokens, required, self._meta_reserve,
+                                         closer)
+        return [grammar, constraints] if grammar is not None else [constraints]
 
     @cached_property
     def _meta_reserve(self) -> int:

@@ -83,7 +83,7 @@ class MetaResponse(BaseModel):
 @lru_cache(maxsize=64)
 def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), modalities: tuple[str, ...] = (),
                      generators: tuple[str, ...] = (), options: str | None = None) -> str:
-    """JSON schema for constrained decoding: bounded prompt, ``source`` limited to ids that exist, ``modality``
+    """JSON schema for constrained decoding: bounded, visible prompt, ``source`` limited to ids that exist, ``modality``
     limited to ``modalities`` when given (a reply that must make a video), ``generator`` to ``generators`` (the
     configured names and capabilities; none: the field is left out) and ``options`` to the JSON schema ``options``
     (the configured plugins' fields; default: the uniform options only)."""
@@ -92,6 +92,9 @@ def meta_json_schema(max_prompt_chars: int, media_ids: tuple[str, ...] = (), mod
     if modalities:
         props["modality"]["enum"] = list(modalities)
     props["prompt"]["maxLength"] = max_prompt_chars
+    # a visible first character and no control characters (a blank prompt fails validation), and no "|", so a
+    # prompt cannot spell a request marker that the parser would read as the end of the request
+    props["prompt"]["pattern"] = rf'^[^\x00-\x20\x7f"\\|][^\x00-\x1f\x7f"\\|]{{0,{max_prompt_chars - 1}}}$'
     props["source"] = {"anyOf": [{"enum": list(media_ids)}, {"type": "null"}]} if media_ids else {"type": "null"}
     if generators:
         props["generator"] = {"anyOf": [{"enum": list(generators)}, {"type": "null"}]}
@@ -121,7 +124,7 @@ def validate_meta(raw: str, max_prompt_chars: int) -> MediaRequest:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "request"
         raise ValueError(f"{where}: {first['msg']}") from None
-    prompt = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", meta.prompt).split())
+    prompt = " ".join(re.sub(r"[\x00-\x1f\x7f\ufffd]", " ", meta.prompt).split())  # and undecodable bytes
     if not prompt:
         raise ValueError("prompt: empty")
     if len(prompt) > max_prompt_chars:

@@ -170,7 +170,7 @@ def test_cli_debug_prompt_shows_media_slots(inputs: dict[str, Path]) -> None:
 
 
 def test_cli_run_streams_text_and_writes_the_manifest(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["run", "draw", "--require", "video", "--seed", "2", "--out", str(tmp_path)])
+    result = runner.invoke(app, ["run", "draw", "--require", "video", "--seed", "0", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "turns.jsonl").read_text())
     video = Path(record["result"]["media"][0]["media"]["path"])

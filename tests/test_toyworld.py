@@ -68,8 +68,10 @@ def digests(directory: Path) -> dict[str, str]:
 def test_same_seed_gives_the_same_bytes(world: Path, tmp_path: Path) -> None:
     make_toyworld(tmp_path / "again", n=N, seed=SEED)
     expected = digests(world)
-    # media, pretraining media, 5 manifests, text.txt, README.md, toyworld.json
-    assert len(expected) == (3 + sum(PRETRAIN_PER_ITEM.values())) * N + 8
+    made = [ref for side in ("train", "test") for d in dialogs(world, side) for t in d.messages
+            if t.role == "assistant" for ref in t.media]  # what the conversations' assistant turns made
+    # media, pretraining media, media made in conversations, 5 manifests, text.txt, README.md, toyworld.json
+    assert len(expected) == (3 + sum(PRETRAIN_PER_ITEM.values())) * N + len(made) + 8
     assert digests(tmp_path / "again") == expected
     make_toyworld(tmp_path / "other", n=N, seed=SEED + 1)
     assert digests(tmp_path / "other")["media/image/000000.png"] != expected["media/image/000000.png"]
@@ -159,8 +161,10 @@ def test_dialogs_follow_their_media(world: Path) -> None:
     for side in ("train", "test"):
         records = dialogs(world, side)
         assert {d.attributes["intent"] for d in records} == {"describe", "make_image", "make_video", "make_audio",
-                                                             "describe_and_sound", "edit_image"}
+                                                             "describe_and_sound", "edit_image", "conversation"}
         for d in records:
+            if d.attributes["intent"] == "conversation":
+                continue  # multi-turn: tests/test_toyworld_dialogs.py
             user, reply = d.messages
             for ref in user.media:
                 assert (split_of[ref.media] == "train") == (side == "train")

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from anyverse.decoding import RequestConstraints, grammar_processor
 from anyverse.llm import LoadedLLM
 from anyverse.signals import StreamParser
 from anyverse.types import Event, Modality, Notice, TextDelta
@@ -80,18 +79,6 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float, rng: torch.Ge
     cdf = probs.cumsum(0)
     u = torch.rand(1, generator=rng, dtype=torch.float64) * cdf[-1]
     return int(min(int(torch.searchsorted(cdf, u).item()), int(probs.nonzero()[-1])))
-
-
-def row_processors(llm: LoadedLLM, mode: str, constrained: str, max_prompt_chars: int, max_new_tokens: int,
-                   meta_reserve: int, require: frozenset[Modality], media_ids: tuple[str, ...]) -> list:
-    """A fresh set of logits processors for one row (grammar processors are single-use)."""
-    processors: list = []
-    if mode == "meta" and constrained != "none":
-        grammar = grammar_processor(llm, max_prompt_chars, media_ids, require)
-        if grammar is None and constrained == "xgrammar":
-            raise ValueError("output.constrained=xgrammar but xgrammar is not installed")
-        processors += [grammar] if grammar is not None else []
-    return [*processors, RequestConstraints(llm, mode, max_new_tokens, require, meta_reserve)]
 
 
 @torch.inference_mode()

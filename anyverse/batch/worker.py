@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from anyverse.batch.decode import Row, decode_batch, row_processors
+from anyverse.batch.decode import Row, decode_batch
 from anyverse.batch.jobs import Format, JobError, Task, parse_line
 from anyverse.config import AnyverseConfig, anyverse_home, load_config
 from anyverse.media import MediaError
@@ -206,8 +206,7 @@ class Worker:
         session, config = self.session, self.session.config
         llm, out = session.model.llm, config.output
         assert job.task is not None and job.embeds is not None
-        processors = row_processors(llm, out.mode, out.constrained, out.max_prompt_chars, config.llm.max_new_tokens,
-                                    session._meta_reserve, job.task.outputs, tuple(str(m.id) for m in job.media))
+        processors = session.processors(frozenset(job.task.outputs), tuple(str(m.id) for m in job.media))
         return Row(job.embeds, processors, StreamParser(llm.vocab, out.mode, out.max_prompt_chars),
                    job_seed(self.settings.seed, job.task), job.task.outputs)
 

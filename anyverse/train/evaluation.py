@@ -5,7 +5,8 @@
 - decoder retrieval: teacher-forced signal states of a caption, projected, are nearest (L2) to that caption's own
   generator conditioning among the conditionings of every distinct caption in the data (recall@1);
 - routing accuracy: on held-out instructions, the reply asks for exactly the expected modalities with valid
-  requests (and for none when none is expected).
+  requests (and for none when none is expected), editing the expected ``source`` (meta mode); also per assistant
+  turn of a multi-turn dialog, and how often the model captions media it made earlier in the dialog exactly.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def caption_accuracy(model: AnyverseModel, pairs: list[tuple[Path, PairRecord]],
 
 
 def routing_accuracy(model: AnyverseModel, dialogs: list[Dialog], modes: Sequence[str]) -> dict[str, float]:
-    """Per output mode and assistant turn: the greedy reply asks for exactly the expected modalities (in order)
-    with valid requests; also exact request prompts (meta) and exact replies to describe-only turns, per intent."""
+    """Per output mode, intent and turn position: the greedy reply asks for exactly the expected modalities (in
+    order) with valid requests, and in meta mode the expected sources; also exact request prompts (meta), exact
+    replies to describe-only turns, and among those, captions of media the assistant made (spliced back)."""
     from anyverse.session import Anyverse
 
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -97,12 +99,24 @@ def routing_accuracy(model: AnyverseModel, dialogs: list[Dialog], modes: Sequenc
             expected = dialog.reply
             text, requests, _ = session.draft(dialog.history)
             routed = [r.modality for r in requests] == [Modality(r.modality) for r in expected.requests]
+            if mode == "meta":  # a signal run names no source
+                routed = routed and [r.source for r in requests] == [r.source for r in expected.requests]
             intent = dialog.record.attributes.get("intent", "all")
-            for key in ("routing_accuracy", f"routing_accuracy/{mode}", f"routing_accuracy/{mode}/{intent}"):
+            turn = 1 + sum(m.role == "assistant" for m in dialog.history)
+            for key in ("routing_accuracy", f"routing_accuracy/{mode}", f"routing_accuracy/{mode}/{intent}",
+                        f"routing_accuracy/{mode}/turn_{turn}"):
                 hits[key].append(routed)
             if mode == "meta" and expected.requests:
                 hits["prompt_accuracy/meta"].append(
                     routed and [r.prompt for r in requests] == [r.prompt for r in expected.requests])
             if not expected.requests:
                 hits[f"reply_accuracy/{mode}"].append(text == expected.text)
+                if _asks_about_made_media(dialog.history):
+                    hits[f"made_caption_accuracy/{mode}"].append(text == expected.text)
     return {key: sum(values) / len(values) for key, values in sorted(hits.items())}
+
+
+def _asks_about_made_media(history: list[Message]) -> bool:
+    """Whether the last user message names media an assistant turn made (what splice-back lets it see)."""
+    made = {str(m.id) for message in history if message.role == "assistant" for m in message.media}
+    return any(_has_value(history[-1].text, media_id) for media_id in made)

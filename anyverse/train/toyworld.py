@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -74,8 +75,9 @@ TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
     "describe_and_sound": (["describe {id} and turn it into a sound", "what is in {id}? make it a sound too",
                             "describe {id} and play it as audio"], ["tell me about {id} and make a sound of it"]),
     "edit_image": (["make {id} {p}", "change {id} to {p}", "recolour {id} {p}"], ["paint {id} {p}"]),
+    "sound_of": (["play {id} as a sound", "turn {id} into a sound", "play it as a sound"], ["let me hear {id}"]),
 }
-INTENTS = ("describe", *TEMPLATES)
+INTENTS = ("describe", "make_image", "make_video", "make_audio", "describe_and_sound", "edit_image", "conversation")
 _MAKES: Final[dict[str, Literal[Modality.IMAGE, Modality.VIDEO, Modality.AUDIO]]] = {
     "make_image": IMAGE, "make_video": VIDEO, "make_audio": AUDIO}
 _OUTPUTS = ("media", "pairs-train.jsonl", "pairs-test.jsonl", "pairs-pretrain.jsonl", "dialogs-train.jsonl",
@@ -205,10 +207,45 @@ def _video(a: dict[str, str], rng: np.random.Generator) -> np.ndarray:
     return np.stack([np.asarray(_draw(a["shape"], colour, start[0] + dx * s, start[1] + dy * s, r)) for s in steps])
 
 
+def render(modality: Modality, attributes: dict[str, str], rng: np.random.Generator) -> np.ndarray:
+    """One toy-world item with these attributes: image uint8 [H,W,3], video uint8 [F,H,W,3], audio float32 [N]."""
+    if modality == IMAGE:
+        return np.asarray(_image(attributes, rng))
+    return _audio(attributes, rng) if modality == AUDIO else _video(attributes, rng)
+
+
+def read_caption(modality: Modality, text: str) -> dict[str, str]:
+    """The attributes a text names, by whole words; where it names several values of one, the last one."""
+    words = f" {' '.join(re.sub(r'[^a-z]+', ' ', text.lower()).split())} "
+    found = {}
+    for key, values in VOCABULARY[modality].items():
+        spots = [(words.rfind(f" {v} "), v) for v in values if f" {v} " in words]
+        if spots:
+            found[key] = max(spots)[1]
+    return found
+
+
+def read_image(pixels: np.ndarray) -> dict[str, str]:
+    """Attributes of a toy-world image, read back from its pixels [H,W,3] in [0,1]: the nearest colour, the
+    quadrant of the shape's centre, and the shape from how much of its bounding box it fills."""
+    rgb = pixels * 255.0
+    mask = np.abs(rgb - np.array(BACKGROUND)).sum(-1) > 60
+    if not mask.any():
+        return {}
+    ys, xs = np.nonzero(mask)
+    mean = rgb[mask].mean(0)
+    colour = min(COLOURS, key=lambda c: float(np.abs(np.array(COLOURS[c]) - mean).sum()))
+    fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    shape = "triangle" if fill < 0.65 else "circle" if fill < 0.9 else "square"
+    height, width = mask.shape
+    vertical = "top" if ys.mean() < height / 2 else "bottom"
+    return {"shape": shape, "colour": colour, "position": f"{vertical} {'left' if xs.mean() < width / 2 else 'right'}"}
+
+
 def _write_media(directory: Path, modality: Modality, n: int, seed: int, pretrain: bool = False) -> list[Item]:
     """Render n items and place them as media/<modality>/<index>.<ext> (the writers name by hash; we rename); with
     ``pretrain``, n encoder-pretraining items in media/pretrain-<modality>/ from a stream of their own."""
-    # random streams: 0-2 the modalities' media, 3 the dialogs, 4-6 the pretraining media
+    # random streams: 0-2 the modalities' media, 3 the dialogs, 4-6 the pretraining media, 7 the conversations
     stream = list(VOCABULARY).index(modality) + (len(VOCABULARY) + 1 if pretrain else 0)
     rng = np.random.default_rng([seed, stream])
     folder = f"pretrain-{modality.value}" if pretrain else modality.value
@@ -216,12 +253,13 @@ def _write_media(directory: Path, modality: Modality, n: int, seed: int, pretrai
     items = []
     for index, attributes in enumerate(_sample(modality, n, rng, pretrain)):
         media: Media
+        data = render(modality, attributes, rng)
         if modality == IMAGE:
-            media = save_image(_image(attributes, rng), out_dir)
+            media = save_image(data, out_dir)
         elif modality == AUDIO:
-            media = save_audio(_audio(attributes, rng), SAMPLE_RATE, out_dir)
+            media = save_audio(data, SAMPLE_RATE, out_dir)
         else:
-            media = save_video(_video(attributes, rng), FPS, out_dir)
+            media = save_video(data, FPS, out_dir)
         name = f"{index:06d}{media.path.suffix}"
         os.replace(media.path, out_dir / name)
         items.append(Item(modality, f"media/{folder}/{name}", attributes))
@@ -270,6 +308,76 @@ def _dialogs(items: dict[Modality, list[Item]], rng: np.random.Generator) -> lis
     return out
 
 
+class _Conversation:
+    """A multi-turn dialog being written: its turns, and the media the assistant made (rendered and saved)."""
+
+    def __init__(self, directory: Path, image: Item, index: int, rng: np.random.Generator):
+        self.directory, self.image, self.index, self.rng = directory, image, index, rng
+        self.turns: list[TurnRecord] = []
+        self.ids = {"img": 0, "aud": 0}  # media of each kind so far, attached or made: the next id
+
+    @property
+    def test(self) -> bool:
+        return self.image.attributes["split"] != "train"
+
+    def ask(self, intent: str, **fields: str) -> None:
+        self.turns.append(TurnRecord(role="user", text=_ask(intent, self.image, self.rng, **fields)))
+
+    def attach(self, text: str) -> str:
+        self.ids["img"] += 1
+        media_id = f"img_{self.ids['img']}"
+        self.turns.append(TurnRecord(role="user", text=text.format(id=media_id), media=[
+            MediaRef(id=media_id, media=self.image.path, modality=IMAGE)]))
+        return media_id
+
+    def say(self, text: str) -> None:
+        self.turns.append(TurnRecord(role="assistant", text=text))
+
+    def make(self, text: str, modality: Modality, attributes: dict[str, str], source: str | None = None) -> str:
+        """An assistant turn that requests an item; the toy world renders what it makes. Returns the item's id."""
+        label = modality.label
+        self.ids[label] += 1
+        media_id = f"{label}_{self.ids[label]}"
+        out_dir = self.directory / "media" / f"made-{modality.value}"
+        data = render(modality, attributes, self.rng)
+        media = save_image(data, out_dir) if modality == IMAGE else save_audio(data, SAMPLE_RATE, out_dir)
+        name = f"{self.index:06d}-{len(self.turns):02d}{media.path.suffix}"
+        os.replace(media.path, out_dir / name)
+        request = RequestRecord(modality=modality, prompt=caption(modality, attributes), source=source)
+        self.turns.append(TurnRecord(role="assistant", text=text, requests=[request], media=[
+            MediaRef(id=media_id, media=f"media/made-{modality.value}/{name}", modality=modality)]))
+        return media_id
+
+
+def _conversation(directory: Path, image: Item, index: int, rng: np.random.Generator) -> DialogRecord:
+    """2-4 exchanges on one image: attach it and ask, or have it drawn; recolour it; then maybe ask what the new
+    image shows (the model captions media it made) and turn it into a sound, in either order."""
+    talk = _Conversation(directory, image, index, rng)
+    attributes = image.attributes
+    plain = {k: v for k, v in attributes.items() if k != "split"}
+    if rng.random() < 0.5:
+        shown = talk.attach(str(rng.choice(_DESCRIBE[IMAGE])))
+        talk.say(image.caption)
+    else:
+        talk.ask("make_image", p=image.caption)
+        shown = talk.make(f"here is {image.caption}", IMAGE, plain)
+    colours = [c for c in COLOURS if c != attributes["colour"]
+               and (talk.test or not is_held_out(IMAGE, {**attributes, "colour": c}))]
+    edited = {**plain, "colour": str(rng.choice(colours))}
+    talk.ask("edit_image", id=shown, p=edited["colour"])
+    made = talk.make(f"here is {caption(IMAGE, edited)}", IMAGE, edited, source=shown)
+    sound = image_to_sound(edited)
+    later = ["describe"] + (["sound"] if talk.test or not is_held_out(AUDIO, sound) else [])
+    for step in [later[i] for i in rng.permutation(len(later))][: int(rng.integers(0, 3))]:
+        if step == "describe":
+            talk.turns.append(TurnRecord(role="user", text=str(rng.choice(_DESCRIBE[IMAGE])).format(id=made)))
+            talk.say(caption(IMAGE, edited))
+        else:
+            talk.ask("sound_of", id=made)
+            talk.make(f"here is {caption(AUDIO, sound)}", AUDIO, sound)
+    return DialogRecord(messages=talk.turns, attributes={"intent": "conversation", "split": attributes["split"]})
+
+
 def _check_directory(directory: Path) -> None:
     """Refuse to write into anything but a new/empty directory or an earlier (possibly interrupted) toy world."""
     if directory.exists() and not directory.is_dir():
@@ -306,6 +414,8 @@ def make_toyworld(directory: Path, n: int = 200, seed: int = 0) -> ToyWorldSumma
     extra = [item for m, k in PRETRAIN_PER_ITEM.items() for item in _write_media(directory, m, k * n, seed, True)]
     log.info("wrote %d media files to %s", 3 * n + len(extra), directory / "media")
     dialogs = _dialogs(items, np.random.default_rng([seed, len(VOCABULARY)]))
+    talk_rng = np.random.default_rng([seed, 2 * len(VOCABULARY) + 1])  # after the pretraining media's streams
+    dialogs += [_conversation(directory, image, j, talk_rng) for j, image in enumerate(items[IMAGE])]
     counts: dict[str, dict[str, dict[str, int]]] = {"pairs": {}, "dialogs": {}}
     text: list[str] = []
     for side in ("train", "test"):

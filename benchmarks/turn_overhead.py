@@ -1,6 +1,7 @@
 """Orchestration overhead of one turn as a fraction of model compute, measured in one run.
 
-Model compute = time inside the encoder, the LLM's ``generate`` and the generator plugin. Everything else in a
+Model compute = time inside the encoder, the LLM's ``generate`` (and, in signal mode, its pass for the signal states
+and the output projectors) and the generator plugin. Everything else in a
 turn (rendering, tokenising, streaming, parsing, routing, saving files, the manifest) is overhead.
 Target: <= 5 %. ``--llm-width`` scales the random LLM up to see the ratio at less toy-like compute.
 
@@ -53,7 +54,7 @@ def main() -> None:
     import torch
 
     from anyverse.session import Anyverse
-    from anyverse.types import Modality
+    from anyverse.types import OUTPUT_MODALITIES, Modality
 
     torch.set_num_threads(1)
     overrides = [f"output.mode={args.mode}", *scaled_llm(args.llm_width, args.llm_layers)]
@@ -62,8 +63,12 @@ def main() -> None:
     llm = session.model.llm.model
     llm.generate = timed(compute, "llm", llm.generate)  # type: ignore[method-assign]
     session.model.encoder.encode = timed(compute, "encoder", session.model.encoder.encode)  # type: ignore[method-assign]
-    image = session.generators.get(Modality.IMAGE)
-    image.generate = timed(compute, "generator", image.generate)  # type: ignore[method-assign]
+    # signal mode's second LLM pass (hidden states at the signal tokens) and output projectors are model compute too
+    session.model.signal_conditioning = timed(  # type: ignore[method-assign]
+        compute, "llm-states", session.model.signal_conditioning)
+    for modality in OUTPUT_MODALITIES:  # a random reply may ask for any of them
+        plugin = session.generators.get(modality)
+        plugin.generate = timed(compute, "generator", plugin.generate)  # type: ignore[method-assign]
 
     session.turn("warm up", require=Modality.IMAGE, seed=0)
     compute.clear()

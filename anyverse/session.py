@@ -189,7 +189,6 @@ class Anyverse:
             named.append(item.with_id(next_id(item.modality, self.history, named)))
         return Message(role="user", text=text, media=named)
 
-    user_message = prepare  # the name evaluation and older callers use
 
     # ---- a turn ---------------------------------------------------------------------------------------------
 

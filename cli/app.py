@@ -28,6 +28,7 @@ from anyverse.cli.options import (
     Overrides,
     Profile,
     Seed,
+    attachment,
     parse_options,
 )
 from anyverse.cli.options import config_overrides as _overrides
@@ -110,17 +111,8 @@ def _conversation(profile: str | None, overrides: list[str], out: Path | None, c
 
 
 def _attachments(session, specs: list[str] | None) -> list:  # type: ignore[no-untyped-def]
-    """``PATH`` or ``depth:PATH`` / ``thermal:PATH``, validated before the turn starts."""
-    from anyverse.types import Modality
-
-    loaded = []
-    for spec in specs or []:
-        kind, sep, path = spec.partition(":")
-        if sep and kind in (Modality.DEPTH.value, Modality.THERMAL.value):
-            loaded.append(session.load(path, Modality(kind)))
-        else:
-            loaded.append(session.load(spec))
-    return loaded
+    """Each ``--attach`` spec validated before the turn starts."""
+    return [session.load(*attachment(spec)) for spec in specs or []]
 
 
 def _modality(name: str):
@@ -303,7 +295,7 @@ def debug_prompt(
 ) -> None:
     """Show the assembled context: tokens, and where each media item's soft tokens go."""
     session = _session(profile or "tiny", _overrides(overrides, device, dtype, mode), Path("anyverse-out"))
-    context = session.context([session.user_message(text, _attachments(session, attach))])
+    context = session.context([session.prepare(text, _attachments(session, attach))])
     tokenizer = session.model.llm.tokenizer
     report = {
         "text": context.text,

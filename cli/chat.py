@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from anyverse.cli.options import attachment
 from rich.markup import escape
 
 from anyverse.logs import ConversationLog, keep_media
@@ -271,9 +272,7 @@ class Chat:
     def stage(self, spec: str) -> Media:
         """Validate now (raising MediaError), send with the next message; ``depth:``/``thermal:`` mark those image
         kinds. A logged chat keeps a copy in the media store, so the log outlives the user's file."""
-        kind, sep, rest = spec.partition(":")
-        modality = Modality(kind) if sep and kind in (Modality.DEPTH.value, Modality.THERMAL.value) else None
-        media = self.session.load(Path(rest if modality else spec).expanduser(), modality)
+        media = self.session.load(*attachment(spec))
         if self.log is not None:
             media = keep_media(media, self.store)
         self.staged.append(media)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from anyverse.types import Modality
 
 Profile = Annotated[str | None, typer.Option(
     "--profile", "-p", help="profile name (tiny, toyworld, default) or a YAML config file [default: tiny]")]
@@ -38,3 +41,11 @@ def parse_options(pairs: list[str] | None) -> dict[str, object]:
             raise ValueError(f"--option {pair!r}: expected key=value")
         options[key.strip()] = yaml.safe_load(raw)
     return options
+
+
+def attachment(spec: str) -> tuple[Path, Modality | None]:
+    """``PATH``, or ``depth:PATH`` / ``thermal:PATH`` for those image kinds (``--attach``, ``/attach``)."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in (Modality.DEPTH.value, Modality.THERMAL.value):
+        return Path(rest).expanduser(), Modality(kind)
+    return Path(spec).expanduser(), None

@@ -25,7 +25,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Anyverse:
 
 @pytest.fixture(scope="module")
 def embeds(session: Anyverse) -> torch.Tensor:
-    return session.model.embed(session.context([session.user_message("draw a red circle", [])]))
+    return session.model.embed(session.context([session.prepare("draw a red circle", [])]))
 
 
 def decode(session: Anyverse, embeds: torch.Tensor, budget: int, seed: int, closing: bool = True) -> list[int]:
@@ -83,7 +83,7 @@ def test_a_request_that_cannot_fit_is_not_opened(session: Anyverse) -> None:
 def test_replies_with_a_small_budget_always_make_the_required_request(tmp_path: Path) -> None:
     session = Anyverse.from_profile("tiny", ["llm.max_new_tokens=24"], output_dir=tmp_path)
     for seed in range(6):
-        _, requests, notices = session.draft([session.user_message("draw it", [])], require=Modality.IMAGE,
+        _, requests, notices = session.draft([session.prepare("draw it", [])], require=Modality.IMAGE,
                                              seed=seed)
         assert [r.modality for r in requests] == [Modality.IMAGE]
         assert not [n for n in notices if "request" in n], notices

@@ -108,10 +108,9 @@ class OutputProjector(nn.Module):
 
     ``spec`` is the generator's declared conditioning, name -> (sequence length, width); e.g. SD 1.5 gives
     ``{"prompt_embeds": (77, 768)}`` and AudioLDM-2 gives two entries. NExT-GPT's transformer (learned queries, one
-    per output position) learns a lookup of the captions it saw: on the toy world's captions whose attribute
-    combination never occurs in training (a green triangle) its retrieval was 0.09. A linear map composes (ridge
-    regression: 0.84 on those images) but fits the seen captions less well, so ``cfg.linear_rank`` > 0 adds a
-    low-rank linear path beside the transformer: on the same LLM, unseen 0.09 -> 0.38 and seen 0.92 -> 0.97.
+    per output position) learns a lookup of the captions it saw, so it fails on attribute combinations never seen
+    in training. A linear map composes but fits the seen captions less well, so ``cfg.linear_rank`` > 0 adds a
+    low-rank linear path beside the transformer (README, Training, has the measurements).
 
     Both ends are standardised per value with statistics of training data (``standardize``): an LLM's last-layer
     states share a large constant part, and what differs between prompts is a few percent of their norm; unscaled,

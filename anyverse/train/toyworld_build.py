@@ -22,7 +22,7 @@ from anyverse.types import OUTPUT_MODALITIES
 log = logging.getLogger(__name__)
 
 # Decoder alignment runs last, on the instruction-tuned LLM: LoRA moves the signal states the output projectors read
-# (trained before it, the toy world's projections collapsed to one output: retrieval 0.83 -> 0.03).
+# (trained before it, the toy world's projections collapsed to one output; README has the numbers).
 BUILD_STAGES = ("lm-pretrain", "encoder-pretrain", "encoder-alignment", "instruction-tuning", "decoder-alignment")
 # what each stage's final checkpoint contributes to $ANYVERSE_HOME/toyworld
 INSTALL = {"lm-pretrain": ["llm"], "encoder-pretrain": ["encoder"], "instruction-tuning": [ADAPTER],

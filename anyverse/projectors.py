@@ -110,7 +110,7 @@ class OutputProjector(nn.Module):
     ``{"prompt_embeds": (77, 768)}`` and AudioLDM-2 gives two entries. NExT-GPT's transformer (learned queries, one
     per output position) learns a lookup of the captions it saw, so it fails on attribute combinations never seen
     in training. A linear map composes but fits the seen captions less well, so ``cfg.linear_rank`` > 0 adds a
-    low-rank linear path beside the transformer (README, Training, has the measurements).
+    low-rank linear path beside the transformer (README, Training, has the numbers).
 
     Both ends are standardised per value with statistics of training data (``standardize``): an LLM's last-layer
     states share a large constant part, and what differs between prompts is a few percent of their norm; unscaled,

@@ -41,11 +41,11 @@ for _name in ("lm-pretrain", "encoder-pretrain", "encoder-alignment", "decoder-a
 @fail_cleanly
 def toyworld(
     n: Annotated[int, typer.Option("--n", help="toy-world items per modality")] = 200,
-    seed: Annotated[int, typer.Option(help="toy-world seed")] = 0,
+    seed: Annotated[int, typer.Option(help="seeds the toy world's data and every stage's training")] = 0,
 ) -> None:
     """Build the toyworld profile in one command: data, tiny LM + encoder pretraining, the three stages, eval."""
     import json
 
     from anyverse.train.toyworld_build import build_toyworld
 
-    typer.echo(json.dumps(build_toyworld(n, seed), indent=2))
+    typer.echo(json.dumps(build_toyworld(n, seed, report=lambda line: typer.echo(line, err=True)), indent=2))

@@ -19,6 +19,11 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``last`` run after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def anyverse_home(tmp_path_factory: pytest.TempPathFactory):
     """Tiny weights and caches go to a per-session directory, shared by all tests of the session."""

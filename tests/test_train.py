@@ -544,3 +544,49 @@ def test_periodic_decoder_retrieval_encodes_the_caption_bank_once_and_scores_the
         for param in recipe.model.output_projectors["audio"].parameters():
             param.add_(torch.randn_like(param))
     assert recipe.evaluate()["decoder_cosine"] != first["decoder_cosine"] and len(encoded) == 1
+
+
+def test_encoder_pretraining_sees_grey_images_and_random_clips_in_training_all_in_colour_at_eval_and_each_word(
+        world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anyverse.encoders import preprocess as pp
+    from anyverse.train.encoder_pretrain import EncoderPretrain
+
+    clips: list[tuple[bool, str, int, bool]] = []  # (training, tower, clips a forward saw, in grey)
+    texts: list[str] = []
+    forward_tokens, embed_text = ImageBindEncoder.forward_tokens, EncoderPretrain.embed_text
+
+    def spy(self: ImageBindEncoder, key: str, x: torch.Tensor) -> Any:
+        if key == "vision":
+            shape = (1, 3) + (1,) * (x.ndim - 2) if x.ndim == 4 else (1, 1, 3) + (1,) * (x.ndim - 3)
+            pixels = x * torch.tensor(pp.CLIP_STD).view(shape) + torch.tensor(pp.CLIP_MEAN).view(shape)
+            channels = pixels.unbind(dim=1 if x.ndim == 4 else 2)
+            grey = all(torch.allclose(c, channels[0], atol=0.02) for c in channels)
+            clips.append((torch.is_grad_enabled(), key, x.shape[1] if x.ndim >= 5 else 0, grey))
+        elif x.ndim >= 5:
+            clips.append((torch.is_grad_enabled(), key, x.shape[1], False))
+        return forward_tokens(self, key, x)
+
+    def words(self: EncoderPretrain, captions: list[str]) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            texts.extend(c for c in captions if " " in c)  # captions, not the word loss's single words
+        return embed_text(self, captions)
+
+    monkeypatch.setattr(ImageBindEncoder, "forward_tokens", spy)
+    monkeypatch.setattr(EncoderPretrain, "embed_text", words)
+    manifest = subset(world, "pairs-train.jsonl", "fall-pretrain.jsonl", {"image": 2, "audio": 2, "video": 2})
+    out = tmp_path / "pretrain"
+    config = write_config(tmp_path / "pretrain.yaml", "encoder-pretrain", manifest, out, steps=3, batch_size=6,
+                          model_overrides=["encoder.path=null", "encoder.tiny={seed: 0}"], train_clips=1, grey=1.0,
+                          loss={"words": 1.0}, data={"train": str(manifest), "eval": str(manifest)})
+    train("encoder-pretrain", config)
+    training = {(key, n, grey) for grad, key, n, grey in clips if grad}
+    evaluating = {(key, n, grey) for grad, key, n, grey in clips if not grad}
+    assert training == {("audio", 1, False), ("vision", 0, True), ("vision", 1, False)}  # images in grey
+    # at eval ImageBind's 3 audio clips, 5 video clips x 3 crops, in colour
+    assert evaluating == {("audio", 3, False), ("vision", 0, False), ("vision", 15, False)}
+    colours = ("red", "green", "blue", "yellow")
+    assert not [t for t in texts if " at the " in t and any(colour in t.split() for colour in colours)]  # images
+    assert [t for t in texts if " moving " in t and any(colour in t.split() for colour in colours)]  # videos
+    assert {"circle", "square", "triangle", "tone", "chirp"} & set(" ".join(texts).split())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["word_loss"] > 0 for row in rows if "loss" in row)

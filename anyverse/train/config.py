@@ -43,6 +43,8 @@ class LossConfig(Strict):
     l2: float = Field(default=1.0, ge=0)
     cosine: float = Field(default=0.0, ge=0)
     denoise: float = Field(default=0.0, ge=0, description="decoder alignment: weight of the denoising loss")
+    words: float = Field(default=0.0, ge=0, description="encoder-pretrain: weight of the per-word loss (each media "
+                         "embedding matches every word of its caption, one binary decision a word)")
 
 
 class TrainConfig(Strict):
@@ -69,6 +71,10 @@ class TrainConfig(Strict):
     encoder_arch: dict[str, int | list[int]] = Field(
         default_factory=dict, description="encoder-pretrain: tiny ImageBind sizes (kernel_size: [t, h, w])")
     temperature: float = Field(default=0.07, gt=0, description="encoder-pretrain: InfoNCE temperature")
+    grey: float = Field(default=0.0, ge=0, le=1, description="encoder-pretrain: chance an image with a colour "
+                        "attribute is shown in grey and captioned without its colour")
+    train_clips: int | None = Field(default=None, gt=0, description="encoder-pretrain: clips of each audio/video "
+                                    "item seen per step, drawn at random (eval averages all); None: all")
 
     @model_validator(mode="after")
     def _possible(self) -> TrainConfig:

@@ -30,6 +30,7 @@ from anyverse.types import Modality
 log = logging.getLogger(__name__)
 
 ENCODER_DIR = "encoder"
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R 601 weights of R, G, B
 
 
 @dataclass
@@ -71,6 +72,7 @@ class EncoderPretrain(nn.Module):
         self.model_config = model_cfg
         self.base: dict[str, Any] = {}
         self.items = prepare(self.encoder, config.data.train, model_cfg.caps)
+        self.words = sorted({word for item in self.items for word in item.record.caption.split()})
         self.eval_items = (prepare(self.encoder, config.data.eval, model_cfg.caps, config.data.max_eval_items)
                            if config.data.eval else [])
 
@@ -85,6 +87,9 @@ class EncoderPretrain(nn.Module):
             groups[item.record.modality].append(i)
         for modality, indices in groups.items():  # image and video share the vision tower, not input shapes
             batch = torch.stack([items[i].inputs for i in indices]).to(self.encoder.device, torch.float32)
+            clips = self.config.train_clips
+            if self.training and clips and batch.ndim >= 5 and batch.shape[1] > clips:  # the forward's cost is per clip
+                batch = batch[:, torch.randperm(batch.shape[1])[:clips]]
             out[indices] = self.encoder.forward_tokens(TOWER[modality], batch)[0]
         return F.normalize(out, dim=-1)
 
@@ -92,15 +97,41 @@ class EncoderPretrain(nn.Module):
         ids = pp.text_tokens(captions).to(self.encoder.device)
         return F.normalize(self.encoder.forward_tokens("text", ids)[0], dim=-1)
 
+    def greyed(self, batch: list[Prepared]) -> list[Prepared]:
+        """Images with a ``colour`` attribute, at chance ``config.grey``: shown in grey and captioned without their
+        colour word, so shape has to be told from luminance, the same for every colour (videos share the tower)."""
+        out = []
+        for item in batch:
+            colour = item.record.attributes.get("colour")
+            if item.record.modality is Modality.IMAGE and colour and torch.rand(()) < self.config.grey:
+                mean, std, weights = (torch.tensor(v).view(3, 1, 1) for v in (pp.CLIP_MEAN, pp.CLIP_STD, LUMINANCE))
+                luminance = ((item.inputs.float() * std + mean) * weights).sum(dim=0, keepdim=True)
+                grey = ((luminance - mean) / std).half()
+                caption = " ".join(word for word in item.record.caption.split() if word != colour)
+                item = Prepared(item.record.model_copy(update={"caption": caption}), grey)
+            out.append(item)
+        return out
+
     def forward(self, batch: list[Prepared]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.config.grey:
+            batch = self.greyed(batch)
         captions = list(dict.fromkeys(item.record.caption for item in batch))
         target = torch.tensor([captions.index(item.record.caption) for item in batch], device=self.encoder.device)
-        logits = self.embed_media(batch) @ self.embed_text(captions).T / self.config.temperature  # [B, U]
+        media = self.embed_media(batch)
+        logits = media @ self.embed_text(captions).T / self.config.temperature  # [B, U]
         to_text = F.cross_entropy(logits, target)
         positives = F.one_hot(target, len(captions)).T.float()  # [U, B]: a caption may have several media
         to_media = F.cross_entropy(logits.T, positives / positives.sum(dim=1, keepdim=True))
         accuracy = (logits.argmax(dim=1) == target).float().mean().item()
-        return (to_text + to_media) / 2, {"batch_accuracy": accuracy}
+        loss = (to_text + to_media) / 2
+        if not self.config.loss.words:
+            return loss, {"batch_accuracy": accuracy}
+        # a caption's words one by one: the embedding must hold each attribute readably apart from the others
+        word_logits = media @ self.embed_text(self.words).T / self.config.temperature  # [B, W]
+        present = torch.tensor([[w in item.record.caption.split() for w in self.words] for item in batch],
+                               dtype=torch.float32, device=media.device)
+        words = F.binary_cross_entropy_with_logits(word_logits, present)
+        return loss + self.config.loss.words * words, {"batch_accuracy": accuracy, "word_loss": words.item()}
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.network.parameters() if p.requires_grad], "lr": self.config.optim.lr}]

@@ -119,6 +119,13 @@ def caption(modality: Modality, a: dict[str, str]) -> str:
     return f"a {a['colour']} {a['shape']} moving {a['direction']}"
 
 
+def language() -> list[str]:
+    """Every caption the toy world's grammar can say, held-out combinations included: those are held out as media,
+    not as phrases, as a real LLM has read of things no image it was aligned on shows."""
+    return [caption(m, dict(zip(v, combo, strict=True))) for m, v in VOCABULARY.items()
+            for combo in itertools.product(*v.values())]
+
+
 def is_held_out(modality: Modality, attributes: dict[str, str]) -> bool:
     """True for the combinations that never appear in training."""
     return all(attributes.get(k) == v for k, v in HELD_OUT[modality].items())
@@ -429,7 +436,7 @@ def make_toyworld(directory: Path, n: int = 200, seed: int = 0) -> ToyWorldSumma
             counts["pairs"][p.attributes["split"]][p.modality.value] += 1
         counts["dialogs"][side] = {intent: sum(d.attributes["intent"] == intent for d in chosen) for intent in INTENTS}
         if side == "train":
-            text = [p.caption for p in pairs] + [t.text for d in chosen for t in d.messages]
+            text = [p.caption for p in pairs] + [t.text for d in chosen for t in d.messages] + language()
             write_manifest(directory / "pairs-pretrain.jsonl", pairs + [i.pair for i in extra])
             counts["pairs"]["pretrain"] = {m.value: k * n for m, k in PRETRAIN_PER_ITEM.items()}
     (directory / "text.txt").write_text("".join(line + "\n" for line in text), encoding="utf-8")

@@ -71,8 +71,8 @@ def test_same_seed_gives_the_same_bytes(world: Path, tmp_path: Path) -> None:
     expected = digests(world)
     made = [ref for side in ("train", "test") for d in dialogs(world, side) for t in d.messages
             if t.role == "assistant" for ref in t.media]  # what the conversations' assistant turns made
-    # media, pretraining media, media made in conversations, 5 manifests, text.txt, README.md, toyworld.json
-    assert len(expected) == (3 + sum(PRETRAIN_PER_ITEM.values())) * N + len(made) + 8
+    # media, pretraining media, media made in conversations, 6 manifests, text.txt, README.md, toyworld.json
+    assert len(expected) == (3 + sum(PRETRAIN_PER_ITEM.values())) * N + len(made) + 9
     assert digests(tmp_path / "again") == expected
     make_toyworld(tmp_path / "other", n=N, seed=SEED + 1)
     assert digests(tmp_path / "other")["media/image/000000.png"] != expected["media/image/000000.png"]
@@ -153,7 +153,7 @@ def test_held_out_combinations_never_reach_training(world: Path) -> None:
     assert not [line for line in train_text if any(w in line for w in HELD_OUT_WORDS)]
     # the LM's corpus holds each phrase of the language once, held-out ones included: held out as media, not words
     corpus = [line for line in (world / "text.txt").read_text().splitlines() if any(w in line for w in HELD_OUT_WORDS)]
-    assert sorted(corpus) == sorted(line for line in language() if any(w in line for w in HELD_OUT_WORDS))
+    assert sorted(corpus) == sorted(line for _, line in language() if any(w in line for w in HELD_OUT_WORDS))
     test_prompts = [q.prompt for d in dialogs(world, "test") for t in d.messages for q in t.requests]
     assert any(w in p for p in test_prompts for w in HELD_OUT_WORDS)
 

@@ -546,7 +546,7 @@ def test_periodic_decoder_retrieval_encodes_the_caption_bank_once_and_scores_the
     assert recipe.evaluate()["decoder_cosine"] != first["decoder_cosine"] and len(encoded) == 1
 
 
-def test_encoder_pretraining_sees_grey_images_and_random_clips_in_training_all_in_colour_at_eval_and_each_word(
+def test_encoder_pretraining_sees_grey_images_without_their_colour_and_random_clips_then_all_in_colour_at_eval(
         world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from anyverse.encoders import preprocess as pp
     from anyverse.train.encoder_pretrain import EncoderPretrain
@@ -568,7 +568,7 @@ def test_encoder_pretraining_sees_grey_images_and_random_clips_in_training_all_i
 
     def words(self: EncoderPretrain, captions: list[str]) -> torch.Tensor:
         if torch.is_grad_enabled():
-            texts.extend(c for c in captions if " " in c)  # captions, not the word loss's single words
+            texts.extend(captions)
         return embed_text(self, captions)
 
     monkeypatch.setattr(ImageBindEncoder, "forward_tokens", spy)
@@ -577,7 +577,7 @@ def test_encoder_pretraining_sees_grey_images_and_random_clips_in_training_all_i
     out = tmp_path / "pretrain"
     config = write_config(tmp_path / "pretrain.yaml", "encoder-pretrain", manifest, out, steps=3, batch_size=6,
                           model_overrides=["encoder.path=null", "encoder.tiny={seed: 0}"], train_clips=1, grey=1.0,
-                          loss={"words": 1.0}, data={"train": str(manifest), "eval": str(manifest)})
+                          data={"train": str(manifest), "eval": str(manifest)})
     train("encoder-pretrain", config)
     training = {(key, n, grey) for grad, key, n, grey in clips if grad}
     evaluating = {(key, n, grey) for grad, key, n, grey in clips if not grad}
@@ -588,5 +588,21 @@ def test_encoder_pretraining_sees_grey_images_and_random_clips_in_training_all_i
     assert not [t for t in texts if " at the " in t and any(colour in t.split() for colour in colours)]  # images
     assert [t for t in texts if " moving " in t and any(colour in t.split() for colour in colours)]  # videos
     assert {"circle", "square", "triangle", "tone", "chirp"} & set(" ".join(texts).split())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["word_loss"] > 0 for row in rows if "loss" in row)
+
+
+def test_instruction_tuning_with_no_modalities_keeps_the_input_projectors_and_trains_lora(world: Path,
+                                                                                           tmp_path: Path) -> None:
+    manifest = subset(world, "dialogs-train.jsonl", "it-frozen.jsonl", {"describe": 2, "make_image": 1})
+    weights = {}
+    for steps in (1, 3):
+        out = tmp_path / f"it-{steps}"
+        config = write_config(tmp_path / f"it-{steps}.yaml", "instruction-tuning", manifest, out, steps=steps,
+                              modalities=[], optim={"lr": 0.01})
+        train("instruction-tuning", config)
+        checkpoint = out / f"step-{steps:06d}"
+        weights[steps] = (load_file(str(checkpoint / "projectors.safetensors")),
+                          load_file(str(checkpoint / "adapter" / "adapter_model.safetensors")))
+    (projectors_1, lora_1), (projectors_3, lora_3) = weights[1], weights[3]
+    inputs = [name for name in projectors_1 if name.startswith("input.")]
+    assert inputs and all(torch.equal(projectors_1[name], projectors_3[name]) for name in inputs)
+    assert any(not torch.equal(lora_1[name], lora_3[name]) for name in lora_1 if "lora_" in name)

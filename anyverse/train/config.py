@@ -43,8 +43,6 @@ class LossConfig(Strict):
     l2: float = Field(default=1.0, ge=0)
     cosine: float = Field(default=0.0, ge=0)
     denoise: float = Field(default=0.0, ge=0, description="decoder alignment: weight of the denoising loss")
-    words: float = Field(default=0.0, ge=0, description="encoder-pretrain: weight of the per-word loss (each media "
-                         "embedding matches every word of its caption, one binary decision a word)")
 
 
 class TrainConfig(Strict):
@@ -58,7 +56,8 @@ class TrainConfig(Strict):
     batch_size: int = Field(default=8, gt=0, description="per process")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    modalities: list[Modality] | None = Field(default=None, description="projectors to train; None: all in the data")
+    modalities: list[Modality] | None = Field(default=None, description="projectors to train; None: all in the data "
+                                              "(instruction tuning: [] keeps the input projectors frozen)")
     output_modes: list[Literal["meta", "signal"]] = Field(
         default=["meta", "signal"], description="instruction tuning: render dialogs in these modes")
     train_lora: bool = Field(default=True, description="instruction tuning: LoRA on the LLM")

@@ -72,7 +72,6 @@ class EncoderPretrain(nn.Module):
         self.model_config = model_cfg
         self.base: dict[str, Any] = {}
         self.items = prepare(self.encoder, config.data.train, model_cfg.caps)
-        self.words = sorted({word for item in self.items for word in item.record.caption.split()})
         self.eval_items = (prepare(self.encoder, config.data.eval, model_cfg.caps, config.data.max_eval_items)
                            if config.data.eval else [])
 
@@ -117,21 +116,12 @@ class EncoderPretrain(nn.Module):
             batch = self.greyed(batch)
         captions = list(dict.fromkeys(item.record.caption for item in batch))
         target = torch.tensor([captions.index(item.record.caption) for item in batch], device=self.encoder.device)
-        media = self.embed_media(batch)
-        logits = media @ self.embed_text(captions).T / self.config.temperature  # [B, U]
+        logits = self.embed_media(batch) @ self.embed_text(captions).T / self.config.temperature  # [B, U]
         to_text = F.cross_entropy(logits, target)
         positives = F.one_hot(target, len(captions)).T.float()  # [U, B]: a caption may have several media
         to_media = F.cross_entropy(logits.T, positives / positives.sum(dim=1, keepdim=True))
         accuracy = (logits.argmax(dim=1) == target).float().mean().item()
-        loss = (to_text + to_media) / 2
-        if not self.config.loss.words:
-            return loss, {"batch_accuracy": accuracy}
-        # a caption's words one by one: the embedding must hold each attribute readably apart from the others
-        word_logits = media @ self.embed_text(self.words).T / self.config.temperature  # [B, W]
-        present = torch.tensor([[w in item.record.caption.split() for w in self.words] for item in batch],
-                               dtype=torch.float32, device=media.device)
-        words = F.binary_cross_entropy_with_logits(word_logits, present)
-        return loss + self.config.loss.words * words, {"batch_accuracy": accuracy, "word_loss": words.item()}
+        return (to_text + to_media) / 2, {"batch_accuracy": accuracy}
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.network.parameters() if p.requires_grad], "lr": self.config.optim.lr}]

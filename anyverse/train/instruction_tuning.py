@@ -84,6 +84,8 @@ class InstructionTuning(nn.Module):
         if config.train_lora:
             self._lora()
         in_modalities = {m.modality for m in self.features.media.values()}
+        if config.modalities is not None:
+            in_modalities &= set(config.modalities)
         out_modalities = {Modality(r.modality) for d in self.dialogs for r in d.reply.requests}
         for modality in in_modalities:
             self.model.input_projectors[modality.value].requires_grad_(True)

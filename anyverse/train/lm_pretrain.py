@@ -30,14 +30,14 @@ from anyverse.signals import MEDIA_END, MEDIA_START, SignalVocabulary
 from anyverse.train.common import IGNORE, next_token_loss, pad_right
 from anyverse.train.config import TrainConfig
 from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
-from anyverse.train.manifest import PairRecord, SkipReport, read_manifest
+from anyverse.train.manifest import CaptionRecord, SkipReport, read_manifest
 
 log = logging.getLogger(__name__)
 
 LLM_DIR = "llm"
 
 
-def chat_sample(record: PairRecord, index: int, system: str | None) -> list[dict[str, str]]:
+def chat_sample(record: CaptionRecord, index: int, system: str | None) -> list[dict[str, str]]:
     """A caption turn with the media written as text: ``img_1 <|media_start|>caption<|media_end|>``."""
     media_id = f"{record.modality.label}_1"
     instruction = CAPTION_INSTRUCTIONS[index % len(CAPTION_INSTRUCTIONS)].format(id=media_id)
@@ -46,7 +46,7 @@ def chat_sample(record: PairRecord, index: int, system: str | None) -> list[dict
     return [*head, {"role": "user", "content": user}, {"role": "assistant", "content": record.caption}]
 
 
-def copy_drills(pairs: list[PairRecord], per_pair: int, seed: int) -> list[PairRecord]:
+def copy_drills(pairs: list[CaptionRecord], per_pair: int, seed: int) -> list[CaptionRecord]:
     """Pairs whose captions are 3 to 9 random words of all captions' vocabulary, ``per_pair`` for each pair."""
     rng = random.Random(seed)
     words = sorted({word for pair in pairs for word in pair.caption.split()})
@@ -64,7 +64,7 @@ class LMPretrain(nn.Module):
                              "llm.tiny")
         spec = TinySpec(seed=model_cfg.llm.tiny.seed, arch={**model_cfg.llm.tiny.arch, **config.lm_arch})
         report = SkipReport(config.data.train)
-        pairs = list(read_manifest(config.data.train, PairRecord, report))
+        pairs = list(read_manifest(config.data.train, CaptionRecord, report))
         log.info(report.summary())
         lines = config.data.text.read_text().splitlines() if config.data.text else []
         base = config.output_dir / "base-llm"  # rebuilt identically on resume: seeded, deterministic
@@ -86,14 +86,14 @@ class LMPretrain(nn.Module):
         self.items += [self._chat(drill, i, system=None) for i, drill in enumerate(drills)]
         self.eval_items: list[tuple[list[int], list[int]]] = []
         if config.data.eval:
-            held_out = list(read_manifest(config.data.eval, PairRecord))[: config.data.max_eval_items]
+            held_out = list(read_manifest(config.data.eval, CaptionRecord))[: config.data.max_eval_items]
             self.eval_items = [self._chat(p, i, prompts[0]) for i, p in enumerate(held_out)]
 
     def _text(self, text: str) -> tuple[list[int], list[int]]:
         ids = self.llm.tokenizer(text, add_special_tokens=False).input_ids
         return ids, ids
 
-    def _chat(self, record: PairRecord, index: int, system: str | None) -> tuple[list[int], list[int]]:
+    def _chat(self, record: CaptionRecord, index: int, system: str | None) -> tuple[list[int], list[int]]:
         """A caption turn whose loss is on the reply only: the system prompt and the user turn would otherwise make
         up 90% of the loss, and 250 steps taught the prompt by heart but not to read the media block (with the
         caption's own embeddings in it, the reply's loss did not move)."""

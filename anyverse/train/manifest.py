@@ -35,6 +35,15 @@ class PairRecord(Record):
     attributes: dict[str, str] = Field(default_factory=dict, description="e.g. toy-world shape/colour/position")
 
 
+class CaptionRecord(BaseModel):
+    """A caption of some modality, no media: lm-pretrain reads captions back from a media block written as text, so
+    it takes a captions manifest or a pairs manifest (whose ``media`` it ignores)."""
+
+    model_config = ConfigDict(extra="ignore")
+    modality: Modality
+    caption: str = Field(min_length=1)
+
+
 class MediaRef(Record):
     id: str = Field(pattern=MEDIA_ID_PATTERN, description="how the dialog text refers to it, e.g. img_1")
     media: str = Field(description="file path, relative to the manifest's directory")
@@ -78,7 +87,7 @@ class DialogRecord(Record):
         return self
 
 
-R = TypeVar("R", PairRecord, DialogRecord)
+R = TypeVar("R", PairRecord, DialogRecord, CaptionRecord)
 
 
 @dataclass
@@ -106,9 +115,11 @@ def resolve(manifest: Path, path: str) -> Path:
     return candidate if candidate.is_absolute() else manifest.parent / candidate
 
 
-def _media_paths(record: PairRecord | DialogRecord) -> list[str]:
+def _media_paths(record: PairRecord | DialogRecord | CaptionRecord) -> list[str]:
     if isinstance(record, PairRecord):
         return [record.media]
+    if isinstance(record, CaptionRecord):
+        return []
     return [ref.media for turn in record.messages for ref in turn.media]
 
 
@@ -137,7 +148,7 @@ def read_manifest(path: Path, kind: type[R], report: SkipReport | None = None) -
             yield record
 
 
-def write_manifest(path: Path, records: list[PairRecord] | list[DialogRecord]) -> None:
+def write_manifest(path: Path, records: list[PairRecord] | list[DialogRecord] | list[CaptionRecord]) -> None:
     """Write records as JSONL (atomically: a temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -23,7 +23,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from anyverse.media import save_audio, save_image, save_video
-from anyverse.train.manifest import DialogRecord, MediaRef, PairRecord, RequestRecord, TurnRecord, write_manifest
+from anyverse.train.manifest import (
+    CaptionRecord,
+    DialogRecord,
+    MediaRef,
+    PairRecord,
+    RequestRecord,
+    TurnRecord,
+    write_manifest,
+)
 from anyverse.types import Media, Modality
 
 log = logging.getLogger(__name__)
@@ -81,7 +89,7 @@ INTENTS = ("describe", "make_image", "make_video", "make_audio", "describe_and_s
 _MAKES: Final[dict[str, Literal[Modality.IMAGE, Modality.VIDEO, Modality.AUDIO]]] = {
     "make_image": IMAGE, "make_video": VIDEO, "make_audio": AUDIO}
 _OUTPUTS = ("media", "pairs-train.jsonl", "pairs-test.jsonl", "pairs-pretrain.jsonl", "dialogs-train.jsonl",
-            "dialogs-test.jsonl", "text.txt", "README.md")
+            "dialogs-test.jsonl", "captions-train.jsonl", "text.txt", "README.md")
 _PARTIAL = ".toyworld-partial"  # marks a directory an interrupted run was writing, so a rerun may overwrite it
 
 
@@ -119,11 +127,23 @@ def caption(modality: Modality, a: dict[str, str]) -> str:
     return f"a {a['colour']} {a['shape']} moving {a['direction']}"
 
 
-def language() -> list[str]:
+def language() -> list[tuple[Modality, str]]:
     """Every caption the toy world's grammar can say, held-out combinations included: those are held out as media,
     not as phrases, as a real LLM has read of things no image it was aligned on shows."""
-    return [caption(m, dict(zip(v, combo, strict=True))) for m, v in VOCABULARY.items()
+    return [(m, caption(m, dict(zip(v, combo, strict=True)))) for m, v in VOCABULARY.items()
             for combo in itertools.product(*v.values())]
+
+
+def language_captions(pairs: list[PairRecord]) -> list[CaptionRecord]:
+    """What lm-pretrain reads back from a media block: the training pairs' captions, and every phrase of the language
+    about as often as a training combination's pairs, so no phrase is one the LM learnt never to say."""
+    phrases = language()
+    records = [CaptionRecord(modality=p.modality, caption=p.caption) for p in pairs]
+    for modality in VOCABULARY:
+        mine = [text for m, text in phrases if m == modality]
+        repeats = max(1, round(sum(p.modality == modality for p in pairs) / len(mine)))
+        records += [CaptionRecord(modality=modality, caption=text) for text in mine for _ in range(repeats)]
+    return records
 
 
 def is_held_out(modality: Modality, attributes: dict[str, str]) -> bool:
@@ -436,7 +456,9 @@ def make_toyworld(directory: Path, n: int = 200, seed: int = 0) -> ToyWorldSumma
             counts["pairs"][p.attributes["split"]][p.modality.value] += 1
         counts["dialogs"][side] = {intent: sum(d.attributes["intent"] == intent for d in chosen) for intent in INTENTS}
         if side == "train":
-            text = [p.caption for p in pairs] + [t.text for d in chosen for t in d.messages] + language()
+            text = [p.caption for p in pairs] + [t.text for d in chosen for t in d.messages]
+            text += [phrase for _, phrase in language()]
+            write_manifest(directory / "captions-train.jsonl", language_captions(pairs))
             write_manifest(directory / "pairs-pretrain.jsonl", pairs + [i.pair for i in extra])
             counts["pairs"]["pretrain"] = {m.value: k * n for m, k in PRETRAIN_PER_ITEM.items()}
     (directory / "text.txt").write_text("".join(line + "\n" for line in text), encoding="utf-8")

@@ -37,8 +37,8 @@ def stage_config_path(stage: str) -> Path:
 
 # Seconds each build step took with the shipped configs on 2 CPU cores: the build's ETA scales the steps still to
 # run by how fast this machine ran the ones done.
-REFERENCE_SECONDS = {"data": 5, "lm-pretrain": 100, "encoder-pretrain": 130, "encoder-alignment": 90,
-                     "instruction-tuning": 80, "decoder-alignment": 40, "eval": 30}
+REFERENCE_SECONDS = {"data": 4, "lm-pretrain": 70, "encoder-pretrain": 145, "encoder-alignment": 37,
+                     "instruction-tuning": 70, "decoder-alignment": 13, "eval": 40}
 
 
 class BuildClock:

@@ -148,6 +148,8 @@ class OutputConfig(Strict):
 class GeneratorConfig(Component):
     plugin: str | None = Field(default=None, description="registered plugin name; default: the entry's name")
     options: dict[str, Any] = Field(default_factory=dict, description="defaults, validated by the plugin")
+    max_options: dict[str, float] = Field(default_factory=dict, description="upper bounds on what a request (the "
+                                          "model's or a user's) may set, e.g. {seconds: 10}; a larger value is lowered")
     offload: bool = Field(default=False, description="diffusers model CPU offload (accelerators only)")
 
 

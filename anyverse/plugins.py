@@ -209,8 +209,17 @@ class BaseGenerator:
 
     def options(self, request: MediaRequest) -> Any:
         """Config defaults overridden by the request's options that are set, validated by this plugin's Options."""
-        values = {**self.defaults.model_dump(exclude_none=True), **request.options.model_dump(exclude_none=True)}
+        values = {**self.defaults.model_dump(exclude_none=True), **self.capped(request.options).model_dump(
+            exclude_none=True)}
         return validate_options(self.Options, values, self.name)
+
+    def capped(self, options: GenerationOptions) -> GenerationOptions:
+        """A request's ``options`` with every value above the config's ``max_options`` lowered to it."""
+        values = options.model_dump(exclude_none=True)
+        for name, cap in self.config.max_options.items():
+            if isinstance(values.get(name), int | float) and values[name] > cap:
+                values[name] = type(values[name])(cap)
+        return type(options).model_validate(values)
 
     def generate(self, requests: list[MediaRequest], sources: list[GeneratedMedia | None],
                  progress: Progress | None = None, cancel: threading.Event | None = None) -> list[GeneratedMedia]:

@@ -187,9 +187,9 @@ def printable(text: str) -> str:
 
 
 def _json(data: dict[str, Any]) -> str:
-    import json
+    from anyverse.jsonl import json_line
 
-    return json.dumps(data, ensure_ascii=False)
+    return json_line(data)
 
 
 # ---------------------------------------------------------------------------------------------- the chat

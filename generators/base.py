@@ -174,6 +174,9 @@ class DiffusersGenerator(BaseGenerator):
             **_step_callback(pipe, progress, cancel, self.name),
             **extra,
         }
+        for side in ("height", "width"):  # the pipelines take multiples of 8 only; a model may write any size
+            if kwargs.get(side):
+                kwargs[side] = max(8, kwargs[side] // 8 * 8)
         if request.conditioning is not None:
             checked = check_conditioning(request.conditioning, self.conditioning_spec(), self.name)
             device = self.execution_device

@@ -61,7 +61,7 @@ class ZeroscopeGenerator(DiffusersGenerator):
 
     def generate_one(self, request: MediaRequest, options: ZeroscopeOptions, source: GeneratedMedia | None,
                      progress: Progress | None, cancel: threading.Event | None) -> GeneratedMedia:
-        frames = _frame_count([request.options, self.defaults], options.fps)
+        frames = _frame_count([self.capped(request.options), self.defaults], options.fps)
         kwargs = self.call_kwargs(request, options, progress, cancel, height=options.height, width=options.width,
                                   num_frames=frames)
         video = self.pipeline()(**kwargs).frames[0]  # batch-indexed since diffusers 0.26

@@ -89,6 +89,19 @@ def test_request_options_override_config_defaults(generators, configs, modality,
     assert media.data.shape == expected_shape(modality, {**configs[modality].options, **options}, media)
 
 
+@pytest.mark.parametrize("modality", [Modality.IMAGE, Modality.VIDEO])
+def test_a_size_the_pipeline_cannot_make_is_rounded_down_to_a_multiple_of_8(generators, modality):
+    media = make(generators[modality], request(modality, width=30, height=20, steps=1, frames=2))
+    assert media.data.shape[-3:-1] == (16, 24)  # (height, width)
+
+
+def test_options_above_the_configs_max_options_are_lowered_to_them(generators, configs):
+    media = make(generators[Modality.IMAGE], request(Modality.IMAGE, width=4096, height=40, steps=1000))
+    caps = configs[Modality.IMAGE].max_options
+    assert media.data.shape[-3:-1] == (40, caps["width"])
+    assert generators[Modality.IMAGE].options(request(Modality.IMAGE, steps=1000)).steps == caps["steps"]
+
+
 @pytest.mark.parametrize("modality", OUTPUTS)
 def test_seed_makes_output_reproducible(generators, modality):
     generator = generators[modality]

@@ -28,13 +28,15 @@ def session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 def check_file(path: Path, modality: Modality) -> None:
-    """Decode a generated file back with independent readers."""
+    """Decode a generated file back with independent readers; sizes within the tiny profile's max_options (the
+    random LLM may ask for any size)."""
     if modality == Modality.IMAGE:
-        assert Image.open(path).format == "PNG" and Image.open(path).size == (32, 32)
+        image = Image.open(path)
+        assert image.format == "PNG" and all(8 <= side <= 64 and side % 8 == 0 for side in image.size)
     elif modality == Modality.VIDEO:
         with av.open(str(path)) as container:
             frames = list(container.decode(video=0))
-        assert path.suffix == ".mp4" and len(frames) == 4
+        assert path.suffix == ".mp4" and 1 <= len(frames) <= 8
     else:
         data, rate = sf.read(path)
         assert path.suffix == ".wav" and rate == 16000 and len(data) > 0

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anyverse.jsonl import json_line
+
 RESULTS = "results.jsonl"
 RUN = "run.json"
 
@@ -76,7 +78,7 @@ class ResultStore:
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         """Append lines and fsync, so a kill after this returns loses none of them."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        data = "".join(json_line(r) + "\n" for r in records).encode()
         if not data:
             return
         with open(self.path, "ab") as f:

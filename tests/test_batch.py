@@ -116,10 +116,21 @@ def test_a_mixed_job_file_runs_end_to_end_and_records_every_failure_on_its_line(
     assert len(got) == len(lines)
 
 
-def test_a_generator_error_fails_only_its_own_job_in_the_batch(tmp_path: Path) -> None:
+def test_a_generator_error_fails_only_its_own_job_in_the_batch(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    from anyverse.generators.stable_diffusion import StableDiffusionGenerator as StableDiffusion
+
+    real = StableDiffusion.generate_one
+
+    def refuses_width_16(self, request, options, *args):  # type: ignore[no-untyped-def]
+        if options.width == 16:
+            raise ValueError("`height` and `width` have to be divisible by 8 but are 32 and 16")  # as diffusers says
+        return real(self, request, options, *args)
+
+    monkeypatch.setattr(StableDiffusion, "generate_one", refuses_width_16)
     jobs = write_jobs(tmp_path / "jobs.jsonl", [
         {"id": "good", "prompt": "draw", "outputs": ["image"]},
-        {"id": "bad", "prompt": "draw", "outputs": ["image"], "options": {"image": {"width": 12}}},
+        {"id": "bad", "prompt": "draw", "outputs": ["image"], "options": {"image": {"width": 16}}},
         {"id": "also-good", "prompt": "draw again", "outputs": ["image"], "options": {"steps": 1}}])
     code, output = batch("run", jobs, "--out", tmp_path / "out", *SIGNAL)
     assert code == 0, output

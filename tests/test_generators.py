@@ -96,10 +96,11 @@ def test_a_size_the_pipeline_cannot_make_is_rounded_down_to_a_multiple_of_8(gene
 
 
 def test_options_above_the_configs_max_options_are_lowered_to_them(generators, configs):
-    media = make(generators[Modality.IMAGE], request(Modality.IMAGE, width=4096, height=40, steps=1000))
+    media = make(generators[Modality.IMAGE], request(Modality.IMAGE, width=4096, height=40, steps=1))
     caps = configs[Modality.IMAGE].max_options
     assert media.data.shape[-3:-1] == (40, caps["width"])
-    assert generators[Modality.IMAGE].options(request(Modality.IMAGE, steps=1000)).steps == caps["steps"]
+    video = generators[Modality.VIDEO].options(request(Modality.VIDEO, frames=500, seconds=60.0))
+    assert (video.frames, video.seconds) == (configs[Modality.VIDEO].max_options["frames"], 1.0)
 
 
 @pytest.mark.parametrize("modality", OUTPUTS)

@@ -208,7 +208,8 @@ class BaseGenerator:
         raise ValueError(f"{self.name} is meta-only: it takes text prompts, not conditioning tensors")
 
     def options(self, request: MediaRequest) -> Any:
-        """Config defaults overridden by the request's options that are set, validated by this plugin's Options."""
+        """Config defaults overridden by the request's options that are set (lowered to ``max_options``), validated
+        by this plugin's Options."""
         values = {**self.defaults.model_dump(exclude_none=True), **self.capped(request.options).model_dump(
             exclude_none=True)}
         return validate_options(self.Options, values, self.name)

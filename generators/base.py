@@ -61,6 +61,13 @@ class DiffusersGenerator(BaseGenerator):
         self._noise_scheduler: Any = None
         self._directory: Path | None = None
 
+    def options(self, request: MediaRequest) -> Any:
+        """Sizes rounded down to multiples of 8, the only ones the pipelines take (a model may write any), so
+        generation and a source's resizing see the same size."""
+        options = super().options(request)
+        sizes = {side: max(8, value // 8 * 8) for side in ("height", "width") if (value := getattr(options, side))}
+        return options.model_copy(update=sizes)
+
     @classmethod
     def build_tiny(cls, directory: Path, spec: TinySpec) -> None:
         """Write the pipeline with tiny random weights into ``directory`` (``save_pretrained``, safetensors)."""
@@ -174,9 +181,6 @@ class DiffusersGenerator(BaseGenerator):
             **_step_callback(pipe, progress, cancel, self.name),
             **extra,
         }
-        for side in ("height", "width"):  # the pipelines take multiples of 8 only; a model may write any size
-            if kwargs.get(side):
-                kwargs[side] = max(8, kwargs[side] // 8 * 8)
         if request.conditioning is not None:
             checked = check_conditioning(request.conditioning, self.conditioning_spec(), self.name)
             device = self.execution_device

@@ -76,8 +76,11 @@ class EncoderConfig(Component):
 class InputProjectorConfig(Strict):
     kind: Literal["linear", "mlp", "resampler", "grid"] = "mlp"
     num_tokens: int = Field(default=1, gt=0, le=256)
-    hidden_dim: int | None = Field(default=None, gt=0, description="mlp/resampler/grid width; default LLM width")
+    hidden_dim: int | None = Field(default=None, ge=0, description="mlp/resampler/grid width; default LLM width; "
+                                   "grid: 0 reads the cells linearly")
     grid: int = Field(default=4, gt=0, le=16, description="grid: patch tokens are average-pooled to grid x grid cells")
+    words: bool = Field(default=False, description="each soft token is a mixture of the LLM's input embeddings, "
+                        "weighted by a softmax over the vocabulary: media are written in the LLM's own words")
     layers: int = Field(default=1, gt=0, description="resampler cross-attention layers")
     heads: int = Field(default=4, gt=0)
 

@@ -60,20 +60,21 @@ class GridProjector(nn.Module):
     position; the toy world's tiny towers never did (object position at chance from the pooled embedding and from
     a resampler, 1.0 from a 2x2 grid of the same frozen tokens).
 
-    The MLP reads the pooled embedding too: what the tower learnt about the whole object lives there. The toy
-    world's pooled vision embedding tells shape apart (linear probe 1.0 on held-out images) where the averaged
-    cells do not (0.76), and the cells tell position (1.0) where the pooled embedding does not (0.27).
+    The MLP reads the pooled embedding too: what the tower learnt about the whole object lives there, where the
+    cells tell where it is. ``hidden_dim: 0`` reads them linearly, which composes better where each soft token is
+    trained to be one word (:class:`WordMixture`).
     """
 
     def __init__(self, embed_dim: int, token_dim: int, llm_dim: int, cfg: InputProjectorConfig,
                  patch_grid: tuple[int, int]):
         super().__init__()
-        hidden = cfg.hidden_dim or llm_dim
+        hidden = llm_dim if cfg.hidden_dim is None else cfg.hidden_dim
         self.grid, self.patch_grid, self.num_tokens, self.llm_dim = cfg.grid, patch_grid, cfg.num_tokens, llm_dim
         self.norm = nn.LayerNorm(token_dim)
         self.pooled_norm = nn.LayerNorm(embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.grid**2 * token_dim + embed_dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, cfg.num_tokens * llm_dim))
+        width = cfg.grid**2 * token_dim + embed_dim
+        self.mlp = (nn.Linear(width, cfg.num_tokens * llm_dim) if hidden == 0 else
+                    nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, cfg.num_tokens * llm_dim)))
 
     def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         patches = tokens[:, 1:]  # ImageBind's tokens: CLS, then the patch grid in raster order
@@ -87,10 +88,36 @@ class GridProjector(nn.Module):
         return self.mlp(features).view(len(tokens), self.num_tokens, self.llm_dim)
 
 
+class WordMixture(nn.Module):
+    """Soft tokens written in the LLM's own words: each projected token scores every input embedding of the LLM,
+    and the soft token is their softmax-weighted mixture. A token can then only be a blend of words the LLM
+    already reads, and each can be trained to be the caption's word in its place, which composes: the slot of a
+    shape reads the shape, whatever the colour beside it (README, Training)."""
+
+    def __init__(self, projector: nn.Module, embeddings: nn.Embedding):
+        super().__init__()
+        self.projector = projector
+        self._embeddings = (embeddings,)  # the LLM's, frozen: neither trained nor saved with the projector
+
+    def logits(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, k, vocab]: each soft token's score for every word."""
+        return self.projector(pooled, tokens) @ self._embeddings[0].weight.T
+
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.logits(pooled, tokens).softmax(dim=-1) @ self._embeddings[0].weight
+
+
 def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
-                          patch_grid: tuple[int, int]) -> nn.Module:
+                          patch_grid: tuple[int, int], embeddings: nn.Embedding) -> nn.Module:
     """``forward(pooled [B, embed_dim], tokens [B, 1 + rows * cols, token_dim]) -> [B, k, llm_dim]``; ``patch_grid``
-    is the encoder's ``(rows, cols)`` of patches, which the grid projector folds the tokens back into."""
+    is the encoder's ``(rows, cols)`` of patches, which the grid projector folds the tokens back into;
+    ``embeddings`` are the LLM's input embeddings, which ``cfg.words`` mixes."""
+    projector = _input_projector(cfg, embed_dim, token_dim, llm_dim, patch_grid)
+    return WordMixture(projector, embeddings) if cfg.words else projector
+
+
+def _input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
+                     patch_grid: tuple[int, int]) -> nn.Module:
     k = cfg.num_tokens
     if cfg.kind == "linear":
         return PooledProjector(nn.Linear(embed_dim, k * llm_dim), k, llm_dim)

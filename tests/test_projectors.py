@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from anyverse.config import InputProjectorConfig, OutputProjectorConfig
-from anyverse.projectors import GridProjector, OutputProjector, build_input_projector
+from anyverse.projectors import GridProjector, OutputProjector, WordMixture, build_input_projector
 
 
 def projector(linear_rank: int = 0) -> OutputProjector:
@@ -72,6 +73,9 @@ def test_a_fresh_projector_passes_states_unchanged_and_keeps_its_statistics_in_i
     torch.testing.assert_close(seen[0], states)
 
 
+WORDS = nn.Embedding(10, 8)  # an LLM's input embeddings: 10 words of width 8
+
+
 def vision_tokens(cells: dict[tuple[int, int], float], side: int = 4) -> torch.Tensor:
     """[1, 1 + side^2, 6] ImageBind-like tokens (CLS first): zeros, except the given patches set to a value."""
     tokens = torch.zeros(1, 1 + side * side, 6)
@@ -82,7 +86,7 @@ def vision_tokens(cells: dict[tuple[int, int], float], side: int = 4) -> torch.T
 
 def test_grid_projector_sees_where_content_is_but_not_its_order_within_a_cell() -> None:
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4))
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4), WORDS)
     assert isinstance(proj, GridProjector)
     top_left = proj(torch.zeros(1, 5), vision_tokens({(0, 0): 1.0}))
     assert top_left.shape == (1, 3, 8)
@@ -96,17 +100,32 @@ def test_grid_projector_reads_the_pooled_embedding_too() -> None:
     """Shape lives in the toy towers' pooled embedding, not in averaged cells: the same cells with another pooled
     embedding must project differently."""
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4))
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4), WORDS)
     tokens = vision_tokens({(0, 0): 1.0})
     pooled = torch.randn(2, 5)
     out = proj(pooled, tokens.expand(2, -1, -1))
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
+def test_a_words_projector_writes_each_soft_token_as_a_mixture_of_the_llms_own_embeddings() -> None:
+    torch.manual_seed(0)
+    cfg = InputProjectorConfig(kind="grid", num_tokens=3, grid=2, hidden_dim=0, words=True)
+    proj = build_input_projector(cfg, 5, 6, 8, (4, 4), WORDS)
+    assert isinstance(proj, WordMixture) and isinstance(proj.projector.mlp, nn.Linear)  # hidden_dim 0: linear
+    pooled, tokens = torch.randn(2, 5), vision_tokens({(0, 0): 1.0}).expand(2, -1, -1)
+    logits = proj.logits(pooled, tokens)
+    assert logits.shape == (2, 3, 10)
+    torch.testing.assert_close(proj(pooled, tokens), logits.softmax(dim=-1) @ WORDS.weight)
+    # the LLM's embeddings stay the LLM's: not trained through the projector, not saved with it
+    assert all(parameter is not WORDS.weight for parameter in proj.parameters())
+    assert set(proj.state_dict()) == {"projector.norm.weight", "projector.norm.bias", "projector.pooled_norm.weight",
+                                      "projector.pooled_norm.bias", "projector.mlp.weight", "projector.mlp.bias"}
+
+
 def test_grid_projector_folds_a_rectangular_patch_grid_and_refuses_another_layout() -> None:
     """Audio's patches are frequency rows x time columns: a sound's pitch is the row its energy is in."""
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=2, grid=2), 5, 6, 8, (2, 6))
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=2, grid=2), 5, 6, 8, (2, 6), WORDS)
     low, high = torch.zeros(1, 13, 6), torch.zeros(1, 13, 6)
     low[0, 1 + 6 * 1 + 2], high[0, 1 + 2] = torch.arange(1.0, 7.0), torch.arange(1.0, 7.0)  # same time, other row
     assert (proj(torch.zeros(1, 5), low) - proj(torch.zeros(1, 5), high)).abs().max() > 1e-3

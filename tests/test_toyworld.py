@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,15 @@ def test_dialogs_follow_their_media(world: Path) -> None:
                 assert reply.requests[0].modality.value == intent[5:] and reply.requests[0].prompt in user.text
             if intent == "edit_image":
                 assert reply.requests[0].source == "img_1" and reply.requests[0].prompt.split()[1] in user.text
+
+
+def test_every_item_is_described_in_each_modality_as_often_as_it_is_drawn(world: Path) -> None:
+    """A describe turn per modality and item: with fewer, a sound written in the LM's words was answered as a sound
+    to play (a caption plus a request), the nearest intent it had learnt."""
+    records = dialogs(world, "train") + dialogs(world, "test")
+    described = Counter(d.messages[0].media[0].modality for d in records if d.attributes["intent"] == "describe")
+    drawn = sum(d.attributes["intent"] == "make_image" for d in records)
+    assert described == {Modality.IMAGE: drawn, Modality.AUDIO: drawn, Modality.VIDEO: drawn}
 
 
 

@@ -590,6 +590,45 @@ def test_encoder_pretraining_sees_grey_images_without_their_colour_and_random_cl
     assert {"circle", "square", "triangle", "tone", "chirp"} & set(" ".join(texts).split())
 
 
+WORD_PROJECTORS = ["default_input_projector.words=true", "input_projectors.image.words=true"]
+
+
+def test_encoder_alignment_trains_each_soft_token_to_be_the_captions_word_in_its_place(world: Path,
+                                                                                        tmp_path: Path) -> None:
+    from anyverse.signals import MEDIA_END
+    from anyverse.train.config import load_train_config
+    from anyverse.train.encoder_alignment import EncoderAlignment
+
+    manifest = subset(world, "pairs-train.jsonl", "words.jsonl", {"image": 1, "audio": 1})
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "words.yaml", "encoder-alignment", manifest, out, steps=30,
+                          model_overrides=WORD_PROJECTORS, loss={"lm": 0.0, "words": 1.0},
+                          optim={"lr": 0.01, "schedule": "constant", "warmup_steps": 0})
+    train("encoder-alignment", config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    words = [row["words"] for row in rows if "words" in row]
+    assert words[-1] < 0.05 < words[0], words
+    recipe = EncoderAlignment(load_train_config(config, [f"model={out / 'step-000030'}"]), torch.device("cpu"))
+    tokenizer = recipe.model.llm.tokenizer
+    for path, record in recipe.pairs:
+        media = recipe.features.media[path]
+        projector = recipe.model.input_projectors[media.modality.value]
+        pooled, tokens = recipe.features.stack([media])
+        spelt = tokenizer.convert_ids_to_tokens(projector.logits(pooled, tokens)[0].argmax(dim=-1).tolist())
+        caption = tokenizer.convert_ids_to_tokens(tokenizer(record.caption, add_special_tokens=False).input_ids)
+        assert spelt == (caption + [MEDIA_END] * len(spelt))[: len(spelt)], (spelt, record.caption)
+
+
+def test_the_words_loss_refuses_projectors_that_do_not_write_words(world: Path, tmp_path: Path) -> None:
+    manifest = subset(world, "pairs-train.jsonl", "no-words.jsonl", {"image": 1, "audio": 1})
+    config = write_config(tmp_path / "c.yaml", "encoder-alignment", manifest, tmp_path / "out",
+                          model_overrides=["input_projectors.image.words=true"], loss={"words": 1.0})
+    result = invoke("train", "encoder-alignment", "--config", str(config))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "loss.words: the audio input projectors do not write words" in lines[0], result.stderr
+
+
 def test_instruction_tuning_with_no_modalities_keeps_the_input_projectors_and_trains_lora(world: Path,
                                                                                            tmp_path: Path) -> None:
     manifest = subset(world, "dialogs-train.jsonl", "it-frozen.jsonl", {"describe": 2, "make_image": 1})

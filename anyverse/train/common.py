@@ -98,6 +98,11 @@ class FeatureTable:
         for i, item in enumerate(batch):
             self.pooled[item.sha256], self.tokens[item.sha256] = out.pooled[i].cpu(), out.tokens[i].cpu()
 
+    def stack(self, media: list[Media]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled [N, D] and token [N, T, D'] features of ``media``, in order."""
+        return (torch.stack([self.pooled[m.sha256] for m in media]),
+                torch.stack([self.tokens[m.sha256] for m in media]))
+
     def has(self, path: Path) -> bool:
         return path in self.media and self.media[path].sha256 in self.pooled
 
@@ -172,9 +177,8 @@ def embed_batch(model: AnyverseModel, examples: list[Example], features: Feature
         embeds = embeds.clone()
         for modality in {media.modality for _, media, _, _ in slots}:
             mine = [s for s in slots if s[1].modality == modality]
-            pooled = torch.stack([features.pooled[m.sha256] for _, m, _, _ in mine]).to(device)
-            tokens = torch.stack([features.tokens[m.sha256] for _, m, _, _ in mine]).to(device)
-            projected = model.input_projectors[modality.value](pooled, tokens)
+            pooled, tokens = features.stack([m for _, m, _, _ in mine])
+            projected = model.input_projectors[modality.value](pooled.to(device), tokens.to(device))
             for (b, _, start, k), soft in zip(mine, projected, strict=True):
                 embeds[b, start : start + k] = soft
     return embeds, mask, labels

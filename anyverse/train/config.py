@@ -43,6 +43,8 @@ class LossConfig(Strict):
     l2: float = Field(default=1.0, ge=0)
     cosine: float = Field(default=0.0, ge=0)
     denoise: float = Field(default=0.0, ge=0, description="decoder alignment: weight of the denoising loss")
+    words: float = Field(default=0.0, ge=0, description="encoder alignment: weight of the cross-entropy of each soft "
+                         "token's word scores against the caption's word in its place (projectors with words: true)")
 
 
 class TrainConfig(Strict):

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from anyverse.projectors import WordMixture
+from anyverse.signals import MEDIA_END
 from anyverse.train.common import (
     Example,
     FeatureTable,
@@ -53,6 +56,7 @@ class EncoderAlignment(nn.Module):
                                      self.model.config.output.mode)
                       for i, (path, record) in enumerate(self.pairs)]
         self.prefix = FrozenPrefix(self.model, self.items)
+        self.words = self._caption_words() if config.loss.words else {}
 
     def train(self, mode: bool = True) -> EncoderAlignment:
         super().train(mode)
@@ -65,7 +69,36 @@ class EncoderAlignment(nn.Module):
     def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
         embeds, mask, labels = embed_batch(self.model, batch, self.features, skip=self.prefix.length)
         logits = self.prefix(self.model, embeds, mask).logits
-        return next_token_loss(logits, labels), {}
+        loss = self.config.loss.lm * next_token_loss(logits, labels)
+        if not self.words:
+            return loss, {}
+        words = self.word_loss(batch)
+        return loss + self.config.loss.words * words, {"words": words.item()}
+
+    def _caption_words(self) -> dict[int, list[int]]:
+        """Each example's caption ids, which its soft tokens are trained to spell, padded with the media block's end
+        (what follows the caption when lm-pretrain writes it as text)."""
+        bad = [m.value for m in self.modalities if not isinstance(self.model.input_projectors[m.value], WordMixture)]
+        if bad:
+            raise ValueError(f"loss.words: the {', '.join(bad)} input projectors do not write words (set words: true)")
+        tokenizer = self.model.llm.tokenizer
+        end = tokenizer.convert_tokens_to_ids(MEDIA_END)
+        return {id(example): tokenizer(record.caption, add_special_tokens=False).input_ids + [end] * k
+                for example, (_, record) in zip(self.items, self.pairs, strict=True) for _, _, k in example.slots}
+
+    def word_loss(self, batch: list[Example]) -> torch.Tensor:
+        """Cross-entropy of every soft token's word scores against its place's word of the caption."""
+        device = self.model.llm.model.get_input_embeddings().weight.device
+        logits, targets = [], []
+        for modality in {media.modality for example in batch for media, _, _ in example.slots}:
+            slots = [(media, k, self.words[id(e)]) for e in batch for media, _, k in e.slots
+                     if media.modality == modality]
+            pooled, tokens = self.features.stack([media for media, _, _ in slots])
+            projector = self.model.input_projectors[modality.value]
+            assert isinstance(projector, WordMixture)  # checked in _caption_words
+            logits.append(projector.logits(pooled.to(device), tokens.to(device)).flatten(0, 1))
+            targets += [word for _, k, words in slots for word in words[:k]]
+        return F.cross_entropy(torch.cat(logits), torch.tensor(targets, device=device))
 
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.config.optim.projector_lr or self.config.optim.lr

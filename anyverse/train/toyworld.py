@@ -310,13 +310,14 @@ def _ask(intent: str, item: Item, rng: np.random.Generator, **fields: str) -> st
 
 
 def _dialogs(items: dict[Modality, list[Item]], rng: np.random.Generator) -> list[DialogRecord]:
-    """About n dialogs per intent, each built on one item and sharing its split; train never names a held-out combo."""
+    """About n dialogs per intent (describe: n per modality), each built on one item and sharing its split; train never
+    names a held-out combo."""
     out = []
     for j, image in enumerate(items[IMAGE]):
-        medium = items[(IMAGE, AUDIO, VIDEO)[j % 3]][j]
         test = image.attributes["split"] != "train"
-        describe = str(rng.choice(_DESCRIBE[medium.modality])).format(id=f"{medium.modality.label}_1")
-        out.append(_dialog("describe", medium, describe, medium.caption, None, True))
+        for medium in (items[modality][j] for modality in VOCABULARY):
+            describe = str(rng.choice(_DESCRIBE[medium.modality])).format(id=f"{medium.modality.label}_1")
+            out.append(_dialog("describe", medium, describe, medium.caption, None, True))
         for intent, kind in _MAKES.items():
             item, prompt = items[kind][j], items[kind][j].caption
             reply = f"here is a video of {prompt}" if kind == VIDEO else f"here is {prompt}"

@@ -1,6 +1,6 @@
 """README's build: `anyverse train toyworld` with the shipped configs, on a seed they were not tuned on, reaches
-what README reports for it (caption targets of 0.90 overall and 0.6 on the compositional split are not reached
-yet; the floors below sit under the held-out seeds' scores by the spread between runs)."""
+what README reports for it (the 0.90 caption target is not reached yet, nor 0.6 on the compositional split on
+every seed; the floors below sit under the held-out seeds' scores by the spread between runs)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def test_the_shipped_configs_reach_readmes_scores_on_a_held_out_seed(tmp_path: P
     assert set(seconds) == {"data", "lm-pretrain", "encoder-pretrain", "encoder-alignment", "instruction-tuning",
                             "decoder-alignment", "eval"}
 
-    assert scores["caption_accuracy"] >= 0.6
+    assert scores["caption_accuracy"] >= 0.7
     assert scores["caption_accuracy/test"] >= 0.8
-    assert scores["caption_accuracy/compositional"] >= 0.1  # 0.09 before grey images and the language's captions
+    assert scores["caption_accuracy/compositional"] >= 0.45  # 0.24 before word projectors, 0.09 before grey images
     assert scores["decoder_retrieval"] >= 0.95
     assert scores["routing_accuracy"] >= 0.9
     turns = {key: value for key, value in scores.items() if key.startswith("routing_accuracy/") and "/turn_" in key}
-    assert len(turns) == 8 and min(turns.values()) >= 0.8, turns  # turns 1-4 in both output modes
+    assert len(turns) == 8 and min(turns.values()) >= 0.75, turns  # turns 1-4 in both output modes
     assert scores["made_caption_accuracy/meta"] >= 0.8

@@ -356,6 +356,7 @@ def _no_training(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     ("encoder-alignment", {"learning_rate": 0.1}, "learning_rate: Extra inputs are not permitted"),
     ("encoder-alignment", {"optim": {"lr": 0.1, "momentum": 0.9}}, "optim.momentum"),
     ("encoder-alignment", {"steps": 0}, "steps: Input should be greater than 0"),
+    ("encoder-alignment", {"loss": {"lm": 0.0}}, "loss: encoder alignment needs lm or words > 0"),
     ("decoder-alignment", {}, "this config is for stage 'encoder-alignment', not 'decoder-alignment'"),
 ])
 def test_bad_configs_fail_with_one_line_before_training(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

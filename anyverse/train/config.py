@@ -36,8 +36,9 @@ class OptimConfig(Strict):
 
 
 class LossConfig(Strict):
-    """Decoder-side weights. ``l2`` is NExT-GPT's per-token Euclidean distance, averaged; ``cosine`` is 1 - cos;
-    ``denoise`` is the generator's own diffusion loss on the caption's media (NExT-GPT / GILL)."""
+    """Loss weights. ``lm`` weighs the reply's cross-entropy (encoder alignment, instruction tuning); decoder side,
+    ``l2`` is NExT-GPT's per-token Euclidean distance, averaged, ``cosine`` is 1 - cos, and ``denoise`` is the
+    generator's own diffusion loss on the caption's media (NExT-GPT / GILL)."""
 
     lm: float = Field(default=1.0, ge=0)
     l2: float = Field(default=1.0, ge=0)
@@ -81,6 +82,8 @@ class TrainConfig(Strict):
     def _possible(self) -> TrainConfig:
         if self.stage == "instruction-tuning" and not self.output_modes:
             raise ValueError("output_modes: instruction tuning needs at least one of meta, signal")
+        if self.stage == "encoder-alignment" and self.loss.lm + self.loss.words == 0:
+            raise ValueError("loss: encoder alignment needs lm or words > 0")
         if self.stage == "decoder-alignment" and self.loss.l2 + self.loss.cosine + self.loss.denoise == 0:
             raise ValueError("loss: decoder alignment needs l2, cosine or denoise > 0 (LM loss alone trains nothing)")
         bad = [m.value for m in self.modalities or [] if m == Modality.TEXT]

@@ -76,28 +76,28 @@ class EncoderAlignment(nn.Module):
         return loss + self.config.loss.words * words, {"words": words.item()}
 
     def _caption_words(self) -> dict[int, list[int]]:
-        """Each example's caption ids, which its soft tokens are trained to spell, padded with the media block's end
-        (what follows the caption when lm-pretrain writes it as text)."""
+        """Each example's caption ids (by the example's id), which its soft tokens are trained to spell."""
         bad = [m.value for m in self.modalities if not isinstance(self.model.input_projectors[m.value], WordMixture)]
         if bad:
             raise ValueError(f"loss.words: the {', '.join(bad)} input projectors do not write words (set words: true)")
         tokenizer = self.model.llm.tokenizer
-        end = tokenizer.convert_tokens_to_ids(MEDIA_END)
-        return {id(example): tokenizer(record.caption, add_special_tokens=False).input_ids + [end] * k
-                for example, (_, record) in zip(self.items, self.pairs, strict=True) for _, _, k in example.slots}
+        return {id(example): tokenizer(record.caption, add_special_tokens=False).input_ids
+                for example, (_, record) in zip(self.items, self.pairs, strict=True)}
 
     def word_loss(self, batch: list[Example]) -> torch.Tensor:
-        """Cross-entropy of every soft token's word scores against its place's word of the caption."""
+        """Cross-entropy of every soft token's word scores against the caption's word in its place; slots past the
+        caption's end against the media block's end (what follows a caption when lm-pretrain writes it as text)."""
         device = self.model.llm.model.get_input_embeddings().weight.device
+        end = self.model.llm.tokenizer.convert_tokens_to_ids(MEDIA_END)
         logits, targets = [], []
         for modality in {media.modality for example in batch for media, _, _ in example.slots}:
-            slots = [(media, k, self.words[id(e)]) for e in batch for media, _, k in e.slots
+            slots = [(media, (self.words[id(e)] + [end] * k)[:k]) for e in batch for media, _, k in e.slots
                      if media.modality == modality]
-            pooled, tokens = self.features.stack([media for media, _, _ in slots])
+            pooled, tokens = self.features.stack([media for media, _ in slots])
             projector = self.model.input_projectors[modality.value]
             assert isinstance(projector, WordMixture)  # checked in _caption_words
             logits.append(projector.logits(pooled.to(device), tokens.to(device)).flatten(0, 1))
-            targets += [word for _, k, words in slots for word in words[:k]]
+            targets += [word for _, words in slots for word in words]
         return F.cross_entropy(torch.cat(logits), torch.tensor(targets, device=device))
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -281,6 +282,10 @@ class Chat:
     def send(self, text: str, media: list[Media], seed: int | None = None) -> None:
         stop = threading.Event()
         seed = self.settings.seed if seed is None else seed
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C stops the reply, whatever SIGINT handler the process started with (a script's background job
+            # starts with it ignored) and prompt_toolkit put back at the OS level after the prompt
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             events = self.session.stream(text, media, require=self.settings.require, seed=seed,
                                          options=self.settings.options, stop=stop, generator=self.settings.generator)

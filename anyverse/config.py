@@ -84,6 +84,13 @@ class InputProjectorConfig(Strict):
     layers: int = Field(default=1, gt=0, description="resampler cross-attention layers")
     heads: int = Field(default=4, gt=0)
 
+    @model_validator(mode="after")
+    def _linear_only_for_grid(self) -> InputProjectorConfig:
+        if self.hidden_dim == 0 and self.kind != "grid":
+            raise ValueError(f"hidden_dim: 0 (a linear readout) is for grid projectors; for {self.kind}, "
+                             "use kind: linear or a width")
+        return self
+
 
 class OutputProjectorConfig(Strict):
     kind: Literal["query", "textfc"] = Field(

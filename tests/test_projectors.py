@@ -131,3 +131,8 @@ def test_grid_projector_folds_a_rectangular_patch_grid_and_refuses_another_layou
     assert (proj(torch.zeros(1, 5), low) - proj(torch.zeros(1, 5), high)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="16 patch tokens do not form the encoder's 2x6 patch grid"):
         proj(torch.zeros(1, 5), torch.zeros(1, 17, 6))
+
+
+def test_a_linear_readout_is_for_grid_projectors_only() -> None:
+    with pytest.raises(ValueError, match="hidden_dim: 0 \\(a linear readout\\) is for grid projectors"):
+        InputProjectorConfig(kind="mlp", hidden_dim=0)

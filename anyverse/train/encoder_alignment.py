@@ -18,6 +18,7 @@ from torch import nn
 from anyverse.projectors import WordMixture
 from anyverse.signals import MEDIA_END
 from anyverse.train.common import (
+    IGNORE,
     Example,
     FeatureTable,
     FrozenPrefix,
@@ -42,6 +43,11 @@ def caption_history(media: Media, index: int) -> list[Message]:
     return [Message(role="user", text=instruction, media=[media])]
 
 
+def caption_ids(example: Example) -> list[int]:
+    """The caption's token ids: the example's reply (its labels outside IGNORE), without the end of turn."""
+    return [label for label in example.labels if label != IGNORE][:-1]
+
+
 class EncoderAlignment(nn.Module):
     def __init__(self, config: TrainConfig, device: torch.device):
         super().__init__()
@@ -56,7 +62,8 @@ class EncoderAlignment(nn.Module):
                                      self.model.config.output.mode)
                       for i, (path, record) in enumerate(self.pairs)]
         self.prefix = FrozenPrefix(self.model, self.items)
-        self.words = self._caption_words() if config.loss.words else {}
+        if config.loss.words:
+            self._check_word_projectors()
 
     def train(self, mode: bool = True) -> EncoderAlignment:
         super().train(mode)
@@ -70,19 +77,15 @@ class EncoderAlignment(nn.Module):
         embeds, mask, labels = embed_batch(self.model, batch, self.features, skip=self.prefix.length)
         logits = self.prefix(self.model, embeds, mask).logits
         loss = self.config.loss.lm * next_token_loss(logits, labels)
-        if not self.words:
+        if not self.config.loss.words:
             return loss, {}
         words = self.word_loss(batch)
         return loss + self.config.loss.words * words, {"words": words.item()}
 
-    def _caption_words(self) -> dict[int, list[int]]:
-        """Each example's caption ids (by the example's id), which its soft tokens are trained to spell."""
+    def _check_word_projectors(self) -> None:
         bad = [m.value for m in self.modalities if not isinstance(self.model.input_projectors[m.value], WordMixture)]
         if bad:
             raise ValueError(f"loss.words: the {', '.join(bad)} input projectors do not write words (set words: true)")
-        tokenizer = self.model.llm.tokenizer
-        return {id(example): tokenizer(record.caption, add_special_tokens=False).input_ids
-                for example, (_, record) in zip(self.items, self.pairs, strict=True)}
 
     def word_loss(self, batch: list[Example]) -> torch.Tensor:
         """Cross-entropy of every soft token's word scores against the caption's word in its place; slots past the
@@ -91,11 +94,11 @@ class EncoderAlignment(nn.Module):
         end = self.model.llm.tokenizer.convert_tokens_to_ids(MEDIA_END)
         logits, targets = [], []
         for modality in {media.modality for example in batch for media, _, _ in example.slots}:
-            slots = [(media, (self.words[id(e)] + [end] * k)[:k]) for e in batch for media, _, k in e.slots
+            slots = [(media, (caption_ids(e) + [end] * k)[:k]) for e in batch for media, _, k in e.slots
                      if media.modality == modality]
             pooled, tokens = self.features.stack([media for media, _ in slots])
             projector = self.model.input_projectors[modality.value]
-            assert isinstance(projector, WordMixture)  # checked in _caption_words
+            assert isinstance(projector, WordMixture)  # checked in _check_word_projectors
             logits.append(projector.logits(pooled.to(device), tokens.to(device)).flatten(0, 1))
             targets += [word for _, words in slots for word in words]
         return F.cross_entropy(torch.cat(logits), torch.tensor(targets, device=device))

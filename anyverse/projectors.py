@@ -55,10 +55,10 @@ class Resampler(nn.Module):
 
 class GridProjector(nn.Module):
     """Locality-preserving (Honeybee's argument against resamplers): the patch tokens are average-pooled to a
-    ``grid x grid`` map of cells, and an MLP reads all cells at once, so each cell has its own weights and *where*
-    something is stays readable. A CLS token or learned-query attention must first learn to bind content to
-    position; the toy world's tiny towers never did (object position at chance from the pooled embedding and from
-    a resampler, 1.0 from a 2x2 grid of the same frozen tokens).
+    ``grid x grid`` map of cells (one per frame where a clip's frames are patched apart), and an MLP reads all cells
+    at once, so each cell has its own weights and *where* something is stays readable. A CLS token or learned-query
+    attention must first learn to bind content to position; the toy world's tiny towers never did (object position
+    at chance from the pooled embedding and from a resampler, 1.0 from a 2x2 grid of the same frozen tokens).
 
     The MLP reads the pooled embedding too: what the tower learnt about the whole object lives there, where the
     cells tell where it is. ``hidden_dim: 0`` reads them linearly, which composes better where each soft token is
@@ -66,24 +66,25 @@ class GridProjector(nn.Module):
     """
 
     def __init__(self, embed_dim: int, token_dim: int, llm_dim: int, cfg: InputProjectorConfig,
-                 patch_grid: tuple[int, int]):
+                 patch_grid: tuple[int, int, int]):
         super().__init__()
         hidden = llm_dim if cfg.hidden_dim is None else cfg.hidden_dim
         self.grid, self.patch_grid, self.num_tokens, self.llm_dim = cfg.grid, patch_grid, cfg.num_tokens, llm_dim
         self.norm = nn.LayerNorm(token_dim)
         self.pooled_norm = nn.LayerNorm(embed_dim)
-        width = cfg.grid**2 * token_dim + embed_dim
+        width = patch_grid[0] * cfg.grid**2 * token_dim + embed_dim
         self.mlp = (nn.Linear(width, cfg.num_tokens * llm_dim) if hidden == 0 else
                     nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, cfg.num_tokens * llm_dim)))
 
     def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         patches = tokens[:, 1:]  # ImageBind's tokens: CLS, then the patch grid in raster order
-        rows, cols = self.patch_grid
-        if rows * cols != patches.shape[1]:
+        frames, rows, cols = self.patch_grid
+        if frames * rows * cols != patches.shape[1]:
             raise ValueError(f"grid projector: {patches.shape[1]} patch tokens do not form the encoder's "
-                             f"{rows}x{cols} patch grid")
-        cells = patches.reshape(len(tokens), rows, cols, -1).permute(0, 3, 1, 2)
-        cells = F.adaptive_avg_pool2d(cells, self.grid).flatten(2).transpose(1, 2)  # [B, grid^2, token_dim]
+                             f"{frames}x{rows}x{cols} patch grid")
+        cells = patches.reshape(len(tokens) * frames, rows, cols, -1).permute(0, 3, 1, 2)
+        cells = F.adaptive_avg_pool2d(cells, self.grid).flatten(2).transpose(1, 2)  # [B * frames, grid^2, token_dim]
+        cells = cells.reshape(len(tokens), frames * self.grid**2, -1)  # each frame's cells, apart
         features = torch.cat([self.norm(cells).flatten(1), self.pooled_norm(pooled)], dim=1)
         return self.mlp(features).view(len(tokens), self.num_tokens, self.llm_dim)
 
@@ -108,16 +109,16 @@ class WordMixture(nn.Module):
 
 
 def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
-                          patch_grid: tuple[int, int], embeddings: nn.Embedding) -> nn.Module:
-    """``forward(pooled [B, embed_dim], tokens [B, 1 + rows * cols, token_dim]) -> [B, k, llm_dim]``; ``patch_grid``
-    is the encoder's ``(rows, cols)`` of patches, which the grid projector folds the tokens back into;
-    ``embeddings`` are the LLM's input embeddings, which ``cfg.words`` mixes."""
+                          patch_grid: tuple[int, int, int], embeddings: nn.Embedding) -> nn.Module:
+    """``forward(pooled [B, embed_dim], tokens [B, 1 + frames * rows * cols, token_dim]) -> [B, k, llm_dim]``;
+    ``patch_grid`` is the encoder's ``(frames, rows, cols)`` of patches, which the grid projector folds the tokens
+    back into; ``embeddings`` are the LLM's input embeddings, which ``cfg.words`` mixes."""
     projector = _input_projector(cfg, embed_dim, token_dim, llm_dim, patch_grid)
     return WordMixture(projector, embeddings) if cfg.words else projector
 
 
 def _input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
-                     patch_grid: tuple[int, int]) -> nn.Module:
+                     patch_grid: tuple[int, int, int]) -> nn.Module:
     k = cfg.num_tokens
     if cfg.kind == "linear":
         return PooledProjector(nn.Linear(embed_dim, k * llm_dim), k, llm_dim)

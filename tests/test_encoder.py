@@ -70,8 +70,8 @@ def test_every_media_modality_encodes(encoder: ib.ImageBindEncoder, items: _Item
     out = encoder.encode(pair, CAPS)
     assert out.pooled.shape == (2, encoder.embed_dim)
     assert out.tokens.shape == (2, NUM_TOKENS[modality], encoder.token_dim(modality))
-    rows, cols = encoder.patch_grid(modality)  # what a grid projector folds the patch tokens back into
-    assert 1 + rows * cols == NUM_TOKENS[modality]
+    frames, rows, cols = encoder.patch_grid(modality)  # what a grid projector folds the patch tokens back into
+    assert 1 + frames * rows * cols == NUM_TOKENS[modality]
     assert torch.isfinite(out.pooled).all() and torch.isfinite(out.tokens).all()
     assert not torch.allclose(out.pooled[0], out.pooled[1])
     again = encoder.encode(pair, CAPS)
@@ -85,6 +85,21 @@ def test_text_encodes(encoder: ib.ImageBindEncoder) -> None:
     assert torch.isfinite(out.tokens).all() and not torch.allclose(out.pooled[0], out.pooled[1])
     assert torch.equal(encoder.encode_text(["a dog barking", "rain on a roof"]).tokens, out.tokens)
     torch.testing.assert_close(encoder.encode_text(["rain on a roof"]).pooled[0], out.pooled[1])
+
+def test_text_embeddings_run_only_up_to_the_longest_caption_and_equal_the_full_contexts(
+        encoder: ib.ImageBindEncoder) -> None:
+    texts = ["a dog", "rain on a tin roof at night"]
+    full = encoder.encode_text(texts).pooled
+    ids = pp.text_tokens(texts)
+    lengths: list[int] = []
+    trunk = encoder.model.modality_trunks["text"]
+    handle = trunk.register_forward_hook(lambda _m, _args, out: lengths.append(out.shape[1]))
+    try:
+        trimmed = encoder.forward_text(ids)
+    finally:
+        handle.remove()
+    assert lengths == [int(ids.argmax(dim=1).max()) + 1] and lengths[0] < pp.TEXT_CONTEXT
+    torch.testing.assert_close(trimmed, full)
 
 
 def test_rejects_text_mixed_and_empty(encoder: ib.ImageBindEncoder, items: _Items) -> None:

@@ -86,7 +86,7 @@ def vision_tokens(cells: dict[tuple[int, int], float], side: int = 4) -> torch.T
 
 def test_grid_projector_sees_where_content_is_but_not_its_order_within_a_cell() -> None:
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4), WORDS)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (1, 4, 4), WORDS)
     assert isinstance(proj, GridProjector)
     top_left = proj(torch.zeros(1, 5), vision_tokens({(0, 0): 1.0}))
     assert top_left.shape == (1, 3, 8)
@@ -96,11 +96,26 @@ def test_grid_projector_sees_where_content_is_but_not_its_order_within_a_cell() 
     assert (top_left - bottom_right).abs().max() > 1e-3
 
 
+def test_grid_projector_reads_a_clips_frames_apart() -> None:
+    """With a one-frame patch kernel a clip's two frames are patched apart: a thing moving right, from the left cell to
+    the right one, must project differently from one moving left, which the same cells averaged over time hide."""
+    torch.manual_seed(0)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (2, 4, 4), WORDS)
+    left, right = vision_tokens({(0, 0): 1.0})[:, 1:], vision_tokens({(0, 3): 1.0})[:, 1:]
+    cls = torch.zeros(1, 1, 6)
+    moving_right = proj(torch.zeros(1, 5), torch.cat([cls, left, right], dim=1))
+    moving_left = proj(torch.zeros(1, 5), torch.cat([cls, right, left], dim=1))
+    assert moving_right.shape == (1, 3, 8)
+    assert (moving_right - moving_left).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="16 patch tokens do not form the encoder's 2x4x4 patch grid"):
+        proj(torch.zeros(1, 5), vision_tokens({}))
+
+
 def test_grid_projector_reads_the_pooled_embedding_too() -> None:
     """Shape lives in the toy towers' pooled embedding, not in averaged cells: the same cells with another pooled
     embedding must project differently."""
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (4, 4), WORDS)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=3, grid=2), 5, 6, 8, (1, 4, 4), WORDS)
     tokens = vision_tokens({(0, 0): 1.0})
     pooled = torch.randn(2, 5)
     out = proj(pooled, tokens.expand(2, -1, -1))
@@ -110,7 +125,7 @@ def test_grid_projector_reads_the_pooled_embedding_too() -> None:
 def test_a_words_projector_writes_each_soft_token_as_a_mixture_of_the_llms_own_embeddings() -> None:
     torch.manual_seed(0)
     cfg = InputProjectorConfig(kind="grid", num_tokens=3, grid=2, hidden_dim=0, words=True)
-    proj = build_input_projector(cfg, 5, 6, 8, (4, 4), WORDS)
+    proj = build_input_projector(cfg, 5, 6, 8, (1, 4, 4), WORDS)
     assert isinstance(proj, WordMixture) and isinstance(proj.projector.mlp, nn.Linear)  # hidden_dim 0: linear
     pooled, tokens = torch.randn(2, 5), vision_tokens({(0, 0): 1.0}).expand(2, -1, -1)
     logits = proj.logits(pooled, tokens)
@@ -125,11 +140,11 @@ def test_a_words_projector_writes_each_soft_token_as_a_mixture_of_the_llms_own_e
 def test_grid_projector_folds_a_rectangular_patch_grid_and_refuses_another_layout() -> None:
     """Audio's patches are frequency rows x time columns: a sound's pitch is the row its energy is in."""
     torch.manual_seed(0)
-    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=2, grid=2), 5, 6, 8, (2, 6), WORDS)
+    proj = build_input_projector(InputProjectorConfig(kind="grid", num_tokens=2, grid=2), 5, 6, 8, (1, 2, 6), WORDS)
     low, high = torch.zeros(1, 13, 6), torch.zeros(1, 13, 6)
     low[0, 1 + 6 * 1 + 2], high[0, 1 + 2] = torch.arange(1.0, 7.0), torch.arange(1.0, 7.0)  # same time, other row
     assert (proj(torch.zeros(1, 5), low) - proj(torch.zeros(1, 5), high)).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="16 patch tokens do not form the encoder's 2x6 patch grid"):
+    with pytest.raises(ValueError, match="16 patch tokens do not form the encoder's 1x2x6 patch grid"):
         proj(torch.zeros(1, 5), torch.zeros(1, 17, 6))
 
 

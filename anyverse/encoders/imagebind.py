@@ -343,17 +343,21 @@ class ImageBindEncoder:
         """Width ``Dt`` of :attr:`EncoderOutput.tokens` for ``modality``."""
         return int(getattr(self.arch, f"{TOWER[modality]}_embed_dim"))
 
-    def patch_grid(self, modality: Modality) -> tuple[int, int]:
-        """``(rows, cols)`` of the patch tokens after the CLS, read from the modality's patch stem: 16x16 for 224 px
-        images with 14 px patches, 12 frequency x 19 time rows for audio's 128x204 log-mel."""
+    def patch_grid(self, modality: Modality) -> tuple[int, int, int]:
+        """``(frames, rows, cols)`` of the patch tokens after the CLS, read from the modality's patch stem: one frame
+        of 16x16 for 224 px images with 2x14x14 patches (two frames with a 1-frame kernel), 12 frequency x 19 time
+        rows for audio's 128x204 log-mel."""
         m: Any = self.model
         pre = m.modality_preprocessors[TOWER[modality]]
         stem = pre.rgbt_stem or pre.depth_stem
         conv = next(c for c in stem.modules() if isinstance(c, nn.Conv2d | nn.Conv3d))
-        size = ((self.arch.audio_num_mel_bins, self.arch.audio_target_len) if modality is Modality.AUDIO
-                else (pp.IMAGE_SIZE, pp.IMAGE_SIZE))
-        rows, cols = ((n - k) // s + 1 for n, k, s in zip(size, conv.kernel_size[-2:], conv.stride[-2:], strict=True))
-        return rows, cols
+        size = [self.arch.audio_num_mel_bins, self.arch.audio_target_len] if modality is Modality.AUDIO else [
+            pp.IMAGE_SIZE, pp.IMAGE_SIZE]
+        if isinstance(conv, nn.Conv3d):  # vision: a clip's frames are a third axis
+            size = [self.arch.video_frames, *size]
+        grid = [(n - k) // s + 1 for n, k, s in zip(size, conv.kernel_size, conv.stride, strict=True)]
+        frames, rows, cols = [1] * (3 - len(grid)) + grid
+        return frames, rows, cols
 
     def forward_tokens(self, key: str, x: torch.Tensor) -> _Pair:
         """One modality through ImageBindModel's own parts, as its ``forward`` does, also returning tokens."""
@@ -370,6 +374,16 @@ class ImageBindEncoder:
             pooled = pooled.reshape(*clips, -1).mean(dim=1)
             tokens = tokens.reshape(*clips, *tokens.shape[1:]).mean(dim=1)
         return pooled, tokens
+
+    def forward_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings of token ids ``[B, 77]``, the trunk run only up to the longest text's end token: the text
+        tower is causal, so the padding after it changes no embedding, and it is most of a short caption's cost."""
+        m: Any = self.model
+        inputs = m.modality_preprocessors["text"](text=ids)
+        length = int(inputs["head"]["seq_len"].max()) + 1
+        trunk = m.modality_trunks["text"](**{**inputs["trunk"], "tokens": inputs["trunk"]["tokens"][:, :length],
+                                            "attn_mask": inputs["trunk"]["attn_mask"][:length, :length]})
+        return m.modality_postprocessors["text"](m.modality_heads["text"](trunk, **inputs["head"]))
 
     def _run(self, key: str, inputs: list[Any], prepare: Callable[[Any], torch.Tensor]) -> list[_Pair]:
         """Prepare and encode ``inputs`` in batches; returns per-item (pooled, tokens) as ordinary tensors."""

@@ -93,8 +93,7 @@ class EncoderPretrain(nn.Module):
         return F.normalize(out, dim=-1)
 
     def embed_text(self, captions: list[str]) -> torch.Tensor:
-        ids = pp.text_tokens(captions).to(self.encoder.device)
-        return F.normalize(self.encoder.forward_tokens("text", ids)[0], dim=-1)
+        return F.normalize(self.encoder.forward_text(pp.text_tokens(captions).to(self.encoder.device)), dim=-1)
 
     def greyed(self, batch: list[Prepared]) -> list[Prepared]:
         """Images with a ``colour`` attribute, at chance ``config.grey``: shown in grey and captioned without their

@@ -8,6 +8,7 @@ assistant's reply, plus (signal mode) the decoder-side L2/cosine of the projecte
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -48,14 +49,16 @@ class Dialog:
     reply: TurnRecord
 
 
-def load_dialogs(model: AnyverseModel, manifest: Path, limit: int | None = None) -> tuple[list[Dialog], FeatureTable]:
-    """Every assistant turn of the valid dialogs whose media encoded, with the frozen-encoder features.
+def load_dialogs(model: AnyverseModel, manifest: Path, limit: int | None = None,
+                 where: Callable[[DialogRecord], bool] | None = None) -> tuple[list[Dialog], FeatureTable]:
+    """Every assistant turn of the valid dialogs whose media encoded (``limit`` dialogs spread over those ``where``
+    keeps), with the frozen-encoder features.
 
     A multi-turn record gives one item per assistant turn, each rendered as inference renders it: earlier replies
     appear as their text plus the media they produced, not as the requests that made them.
     """
     report = SkipReport(manifest)
-    records = spread(list(read_manifest(manifest, DialogRecord, report)), limit)
+    records = spread([r for r in read_manifest(manifest, DialogRecord, report) if where is None or where(r)], limit)
     log.info(report.summary())
     files = [(resolve(manifest, ref.media), ref.modality) for r in records for t in r.messages for ref in t.media]
     features = FeatureTable.build(model.encoder, files, model.config.caps)

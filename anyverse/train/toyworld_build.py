@@ -115,5 +115,7 @@ def evaluate_toyworld(checkpoint: Path | None, data: Path, profile: str = "toywo
     outputs = {m for m in OUTPUT_MODALITIES if m.value in model.output_projectors}
     scores |= decoder_retrieval(model, session.generators, data / "pairs-train.jsonl", data / "pairs-test.jsonl",
                                 outputs, limit)
-    dialogs, _ = load_dialogs(model, data / "dialogs-test.jsonl", limit)
-    return scores | routing_accuracy(model, dialogs, ["meta", "signal"])
+    single, _ = load_dialogs(model, data / "dialogs-test.jsonl", limit, lambda d: len(d.messages) == 2)
+    # every conversation, not a share of the spread: later turns are rarer, and each turn position is scored
+    talks, _ = load_dialogs(model, data / "dialogs-test.jsonl", None, lambda d: len(d.messages) > 2)
+    return scores | routing_accuracy(model, single + talks, ["meta", "signal"])

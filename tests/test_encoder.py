@@ -78,6 +78,23 @@ def test_every_media_modality_encodes(encoder: ib.ImageBindEncoder, items: _Item
     assert torch.equal(again.pooled, out.pooled) and torch.equal(again.tokens, out.tokens)
 
 
+def test_clips_that_are_all_the_same_run_once_and_give_what_all_of_them_give(encoder: ib.ImageBindEncoder) -> None:
+    """A sound or video no longer than a clip is its clips over again: one forward gives their mean."""
+    sound = torch.randn(2, 1, 1, pp.NUM_MEL_BINS, pp.AUDIO_FRAMES)
+    seen: list[int] = []
+    trunk = encoder.model.modality_trunks["audio"]
+    handle = trunk.register_forward_hook(lambda _m, _args, out: seen.append(out.shape[0]))
+    try:
+        once = encoder.forward_tokens("audio", sound.expand(-1, 3, -1, -1, -1))
+        mixed = torch.cat([sound, torch.randn(2, 1, 1, pp.NUM_MEL_BINS, pp.AUDIO_FRAMES), sound], dim=1)
+        encoder.forward_tokens("audio", mixed)
+    finally:
+        handle.remove()
+    assert seen == [2, 6]  # the same clips ran once per item; different ones all ran
+    alone = encoder.forward_tokens("audio", sound)
+    torch.testing.assert_close(once, alone)
+
+
 def test_text_encodes(encoder: ib.ImageBindEncoder) -> None:
     out = encoder.encode_text(["a dog barking", "rain on a roof"])
     assert out.pooled.shape == (2, encoder.embed_dim)

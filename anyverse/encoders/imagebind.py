@@ -361,6 +361,8 @@ class ImageBindEncoder:
 
     def forward_tokens(self, key: str, x: torch.Tensor) -> _Pair:
         """One modality through ImageBindModel's own parts, as its ``forward`` does, also returning tokens."""
+        if x.ndim >= 5 and bool((x == x[:, :1]).all()):  # media no longer than a clip: all clips the same, one runs
+            x = x[:, :1]
         clips = x.shape[:2] if x.ndim >= 5 else None  # audio and video carry a clip axis
         if clips is not None:
             x = x.flatten(0, 1)

@@ -115,7 +115,9 @@ def evaluate_toyworld(checkpoint: Path | None, data: Path, profile: str = "toywo
     outputs = {m for m in OUTPUT_MODALITIES if m.value in model.output_projectors}
     scores |= decoder_retrieval(model, session.generators, data / "pairs-train.jsonl", data / "pairs-test.jsonl",
                                 outputs, limit)
-    single, _ = load_dialogs(model, data / "dialogs-test.jsonl", limit, lambda d: len(d.messages) == 2)
-    # every conversation, not a share of the spread: later turns are rarer, and each turn position is scored
-    talks, _ = load_dialogs(model, data / "dialogs-test.jsonl", None, lambda d: len(d.messages) > 2)
+    # a quarter of the dialogs are conversations, not their share of the manifest (1 in 9), so that each turn
+    # position past the second, which only some conversations reach, is scored on more than a handful
+    share = max(1, limit // 4)
+    talks, _ = load_dialogs(model, data / "dialogs-test.jsonl", share, lambda d: len(d.messages) > 2)
+    single, _ = load_dialogs(model, data / "dialogs-test.jsonl", max(1, limit - share), lambda d: len(d.messages) == 2)
     return scores | routing_accuracy(model, single + talks, ["meta", "signal"])

@@ -91,7 +91,8 @@ def toyworld(
     data: Annotated[Path, typer.Option(help="toy-world directory (anyverse data toyworld)")],
     profile: Annotated[str, typer.Option(help="profile to evaluate")] = "toyworld",
     checkpoint: Annotated[Path | None, typer.Option(help="evaluate this checkpoint instead of --profile")] = None,
-    limit: Annotated[int, typer.Option(help="held-out items per score (a quarter of the dialogs are conversations)")] = 120,
+    limit: Annotated[int, typer.Option(help="held-out items per score (a quarter of the dialogs are "
+                                               "conversations)")] = 120,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """caption_accuracy, decoder_retrieval (+ decoder_cosine), routing_accuracy in both modes, per attribute."""

@@ -81,6 +81,8 @@ class InputProjectorConfig(Strict):
     grid: int = Field(default=4, gt=0, le=16, description="grid: patch tokens are average-pooled to grid x grid cells")
     words: bool = Field(default=False, description="each soft token is a mixture of the LLM's input embeddings, "
                         "weighted by a softmax over the vocabulary: media are written in the LLM's own words")
+    hard_words: bool = Field(default=False, description="words: each soft token is its highest-scoring word's "
+                             "embedding, what the LLM reads in text; gradients pass through the mixture")
     layers: int = Field(default=1, gt=0, description="resampler cross-attention layers")
     heads: int = Field(default=4, gt=0)
 
@@ -89,6 +91,8 @@ class InputProjectorConfig(Strict):
         if self.hidden_dim == 0 and self.kind != "grid":
             raise ValueError(f"hidden_dim: 0 (a linear readout) is for grid projectors; for {self.kind}, "
                              "use kind: linear or a width")
+        if self.hard_words and not self.words:
+            raise ValueError("hard_words: true is for projectors that write words (set words: true)")
         return self
 
 

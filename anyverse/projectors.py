@@ -95,9 +95,9 @@ class WordMixture(nn.Module):
     already reads, and each can be trained to be the caption's word in its place, which composes: the slot of a
     shape reads the shape, whatever the colour beside it (README, Training)."""
 
-    def __init__(self, projector: nn.Module, embeddings: nn.Embedding):
+    def __init__(self, projector: nn.Module, embeddings: nn.Embedding, hard: bool = False):
         super().__init__()
-        self.projector = projector
+        self.projector, self.hard = projector, hard
         self._embeddings = (embeddings,)  # the LLM's, frozen: neither trained nor saved with the projector
 
     def logits(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,12 @@ class WordMixture(nn.Module):
         return self.projector(pooled, tokens) @ self._embeddings[0].weight.T
 
     def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.logits(pooled, tokens).softmax(dim=-1) @ self._embeddings[0].weight
+        """The mixture, or with ``hard`` the top word's embedding (straight-through: the mixture's gradient)."""
+        weights = self.logits(pooled, tokens).softmax(dim=-1)
+        if self.hard:
+            top = F.one_hot(weights.argmax(dim=-1), weights.shape[-1]).to(weights.dtype)
+            weights = top + weights - weights.detach()
+        return weights @ self._embeddings[0].weight
 
 
 def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
@@ -114,7 +119,7 @@ def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: 
     ``patch_grid`` is the encoder's ``(frames, rows, cols)`` of patches, which the grid projector folds the tokens
     back into; ``embeddings`` are the LLM's input embeddings, which ``cfg.words`` mixes."""
     projector = _input_projector(cfg, embed_dim, token_dim, llm_dim, patch_grid)
-    return WordMixture(projector, embeddings) if cfg.words else projector
+    return WordMixture(projector, embeddings, cfg.hard_words) if cfg.words else projector
 
 
 def _input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,

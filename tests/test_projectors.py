@@ -137,6 +137,20 @@ def test_a_words_projector_writes_each_soft_token_as_a_mixture_of_the_llms_own_e
                                       "projector.pooled_norm.bias", "projector.mlp.weight", "projector.mlp.bias"}
 
 
+def test_a_hard_words_projector_writes_each_top_word_as_the_llm_reads_it_and_trains_through_the_mixture() -> None:
+    torch.manual_seed(0)
+    cfg = InputProjectorConfig(kind="grid", num_tokens=3, grid=2, hidden_dim=0, words=True, hard_words=True)
+    proj = build_input_projector(cfg, 5, 6, 8, (1, 4, 4), WORDS)
+    pooled, tokens = torch.randn(2, 5), vision_tokens({(0, 0): 1.0}).expand(2, -1, -1)
+    logits = proj.logits(pooled, tokens)
+    out = proj(pooled, tokens)
+    torch.testing.assert_close(out, WORDS(logits.argmax(dim=-1)))  # exactly the words, as text embeds them
+    (out * torch.randn_like(out)).sum().backward()
+    assert proj.projector.mlp.weight.grad is not None and proj.projector.mlp.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hard_words: true is for projectors that write words"):
+        InputProjectorConfig(kind="grid", hard_words=True)
+
+
 def test_grid_projector_folds_a_rectangular_patch_grid_and_refuses_another_layout() -> None:
     """Audio's patches are frequency rows x time columns: a sound's pitch is the row its energy is in."""
     torch.manual_seed(0)

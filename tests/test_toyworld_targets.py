@@ -31,9 +31,9 @@ def test_the_shipped_configs_reach_readmes_scores_on_a_held_out_seed(tmp_path: P
 
     assert scores["caption_accuracy"] >= 0.7
     assert scores["caption_accuracy/test"] >= 0.85
-    assert scores["caption_accuracy/compositional"] >= 0.4  # 0.24 before word projectors, 0.09 before grey images
+    assert scores["caption_accuracy/compositional"] >= 0.35  # 0.24 before word projectors, 0.09 before grey images
     assert scores["decoder_retrieval"] >= 0.95
-    assert scores["routing_accuracy"] >= 0.9
+    assert scores["routing_accuracy"] >= 0.95
     turns = {key: value for key, value in scores.items() if key.startswith("routing_accuracy/") and "/turn_" in key}
-    assert len(turns) == 8 and min(turns.values()) >= 0.8, turns  # turns 1-4 in both output modes
+    assert len(turns) == 8 and min(turns.values()) >= 0.9, turns  # turns 1-4 in both output modes
     assert scores["made_caption_accuracy/meta"] >= 0.8

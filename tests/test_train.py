@@ -401,7 +401,7 @@ def test_the_cached_system_prompt_gives_the_loss_of_the_full_sequence(world: Pat
 
     config = write_config(tmp_path / "ea.yaml", "encoder-alignment", world / "pairs-train.jsonl", tmp_path / "out")
     recipe = EncoderAlignment(load_train_config(config), torch.device("cpu")).train()
-    batch = recipe.items[::7][:6]  # mixed modalities, ragged lengths
+    batch = recipe.collate(recipe.items[::7][:6])  # mixed modalities, ragged lengths
     assert 100 < recipe.prefix.length < min(len(e.ids) for e in batch)
     embeds, mask, labels = embed_batch(recipe.model, batch, recipe.features)
     full = next_token_loss(recipe.model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
@@ -618,6 +618,36 @@ def test_encoder_alignment_trains_each_soft_token_to_be_the_captions_word_in_its
         spelt = tokenizer.convert_ids_to_tokens(projector.logits(pooled, tokens)[0].argmax(dim=-1).tolist())
         caption = tokenizer.convert_ids_to_tokens(tokenizer(record.caption, add_special_tokens=False).input_ids)
         assert spelt == (caption + [MEDIA_END] * len(spelt))[: len(spelt)], (spelt, record.caption)
+
+
+def test_encoder_alignment_shows_coloured_images_and_videos_in_grey_with_their_colour_word_untrained(
+        world: Path, tmp_path: Path) -> None:
+    from anyverse.encoders import preprocess as pp
+    from anyverse.train.common import IGNORE
+    from anyverse.train.config import load_train_config
+    from anyverse.train.encoder_alignment import EncoderAlignment, caption_ids
+
+    manifest = subset(world, "pairs-train.jsonl", "grey.jsonl", {"image": 1, "audio": 1, "video": 1})
+    config = write_config(tmp_path / "grey.yaml", "encoder-alignment", manifest, tmp_path / "out", grey=1.0,
+                          model_overrides=WORD_PROJECTORS, loss={"lm": 0.1, "words": 1.0})
+    recipe = EncoderAlignment(load_train_config(config), torch.device("cpu"))
+    encoder, tokenizer = recipe.model.encoder, recipe.model.llm.tokenizer
+    shown = recipe.collate(recipe.items)  # grey: 1.0, so every item that has a grey twin shows it
+    for example, (path, record) in zip(shown, recipe.pairs, strict=True):
+        media, colour = example.slots[0][0], record.attributes.get("colour")
+        words = caption_ids(example)
+        if colour is None:  # a sound
+            assert media.sha256 == recipe.features.media[path].sha256 and IGNORE not in words
+            continue
+        inputs = pp.greyscale(encoder.preprocess(media, recipe.model.config.caps))
+        grey = encoder.encode_inputs(media.modality, [inputs])
+        assert torch.allclose(recipe.features.stack([media])[1], grey.tokens)
+        assert not torch.allclose(grey.tokens, recipe.features.stack([recipe.features.media[path]])[1])
+        trained = tokenizer.decode([word for word in words if word != IGNORE]).split()
+        assert IGNORE in words and trained == [word for word in record.caption.split() if word != colour]
+    loss, _ = recipe(shown)
+    loss.backward()  # the untrained colour words are left out of the loss, not scored against IGNORE
+    assert torch.isfinite(loss)
 
 
 def test_the_words_loss_refuses_projectors_that_do_not_write_words(world: Path, tmp_path: Path) -> None:

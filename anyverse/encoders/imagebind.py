@@ -435,6 +435,10 @@ class ImageBindEncoder:
                 self.cache.put(item.sha256, pooled, tokens)
         return self._stack([found[item.sha256] for item in items])
 
+    def encode_inputs(self, modality: Modality, inputs: list[torch.Tensor]) -> EncoderOutput:
+        """Encode inputs already preprocessed, and perhaps changed as a training augmentation does; not cached."""
+        return self._stack(self._run(TOWER[modality], inputs, lambda x: x))
+
     def encode_text(self, texts: list[str]) -> EncoderOutput:
         """Encode strings (CLIP BPE, cut to 75 tokens); tokens cover all 77 positions, padding included."""
         if not texts:

@@ -19,6 +19,7 @@ from PIL import Image
 IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R 601 weights of R, G, B
 # Audio: three 2 s clips at 16 kHz, 128-bin kaldi log-mel, 204 frames, dataset statistics from data.py.
 SAMPLE_RATE = 16000
 AUDIO_CLIPS = 3
@@ -64,6 +65,15 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image -> ``[3, 224, 224]`` float32, as ImageBind's ``load_and_transform_vision_data``."""
     pixels = np.asarray(_resize_crop(image.convert("RGB")), dtype=np.float32) / 255.0
     return _normalize(torch.from_numpy(pixels).permute(2, 0, 1), CLIP_MEAN, CLIP_STD)
+
+
+def greyscale(vision: torch.Tensor) -> torch.Tensor:
+    """A preprocessed image ``[3, H, W]`` or video ``[clips, 3, frames, H, W]`` in grey: each pixel's luminance in all
+    three channels, normalised as colour is (a training augmentation that takes colour away from shape)."""
+    view = (3, 1, 1) if vision.ndim == 3 else (1, 3, 1, 1, 1)
+    mean, std, weights = (torch.tensor(v).view(view) for v in (CLIP_MEAN, CLIP_STD, LUMINANCE))
+    luminance = ((vision.float() * std + mean) * weights).sum(dim=-4 if vision.ndim == 5 else 0, keepdim=True)
+    return (luminance - mean) / std
 
 
 def gray_tensor(gray: np.ndarray) -> torch.Tensor:

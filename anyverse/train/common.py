@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from anyverse.checkpoint import PROJECTORS, checkpoint_config
 from anyverse.config import load_config
 from anyverse.devices import resolve_dtype
+from anyverse.encoders import preprocess as pp
 from anyverse.encoders.imagebind import ImageBindEncoder
 from anyverse.media import MediaError, load_media
 from anyverse.model import AnyverseModel
@@ -97,6 +98,19 @@ class FeatureTable:
             return
         for i, item in enumerate(batch):
             self.pooled[item.sha256], self.tokens[item.sha256] = out.pooled[i].cpu(), out.tokens[i].cpu()
+
+    def add_grey(self, encoder: ImageBindEncoder, media: list[Media], caps: Any) -> dict[Path, Media]:
+        """Grey twins of image and video ``media`` (keyed ``<sha256>-grey``), encoded once like the rest."""
+        twins = {m.path: m.model_copy(update={"sha256": f"{m.sha256}-grey"}) for m in media}
+        for modality in {m.modality for m in media}:
+            mine = [m for m in media if m.modality == modality]
+            for start in range(0, len(mine), encoder.batch_size):
+                chunk = mine[start : start + encoder.batch_size]
+                out = encoder.encode_inputs(modality, [pp.greyscale(encoder.preprocess(m, caps)) for m in chunk])
+                for i, item in enumerate(chunk):
+                    key = twins[item.path].sha256
+                    self.pooled[key], self.tokens[key] = out.pooled[i].cpu(), out.tokens[i].cpu()
+        return twins
 
     def stack(self, media: list[Media]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled [N, D] and token [N, T, D'] features of ``media``, in order."""

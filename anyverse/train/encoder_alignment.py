@@ -2,11 +2,14 @@
 
 Loss: caption cross-entropy on media-caption pairs, as NExT-GPT's encoder-side stage. Features come from the
 frozen-encoder table, so each file is decoded and encoded once for the whole run, and the shared system prompt's
-keys/values are computed once, so each step runs the frozen LLM over the caption turn only.
+keys/values are computed once, so each step runs the frozen LLM over the caption turn only. With ``grey``, coloured
+images and videos are sometimes shown in grey, their colour word untrained: the projectors then read shape from
+what grey and coloured items share, not from their colour.
 """
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from anyverse.train.common import (
 from anyverse.train.config import TrainConfig
 from anyverse.train.evaluation import caption_accuracy, load_pairs
 from anyverse.train.manifest import PairRecord
-from anyverse.types import Media, Message
+from anyverse.types import Media, Message, Modality
 
 CAPTION_INSTRUCTIONS = ("what is in {id}?", "describe {id}", "write a caption for {id}")
 
@@ -44,8 +47,20 @@ def caption_history(media: Media, index: int) -> list[Message]:
 
 
 def caption_ids(example: Example) -> list[int]:
-    """The caption's token ids: the example's reply (its labels outside IGNORE), without the end of turn."""
-    return [label for label in example.labels if label != IGNORE][:-1]
+    """The caption's token ids: the example's reply labels, without the end of turn (words not trained: IGNORE)."""
+    start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+    return example.labels[start:-1]
+
+
+def untrain_word(example: Example, caption: str, word: str, tokenizer: Any) -> Example:
+    """``example`` with the tokens of ``word`` (whole, first occurrence) in its caption reply set to IGNORE."""
+    found = re.search(rf"\b{re.escape(word)}\b", caption)
+    if found is None:
+        return example
+    start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+    before, through = (len(tokenizer(caption[:end], add_special_tokens=False).input_ids) for end in found.span())
+    labels = [IGNORE if start + before <= i < start + through else label for i, label in enumerate(example.labels)]
+    return Example(ids=example.ids, labels=labels, slots=example.slots, signals=example.signals)
 
 
 class EncoderAlignment(nn.Module):
@@ -58,10 +73,10 @@ class EncoderAlignment(nn.Module):
         self.modalities = sorted({m.modality for m in self.features.media.values()}, key=str)
         for modality in self.modalities:
             self.model.input_projectors[modality.value].requires_grad_(True)
-        self.items = [render_example(self.model, caption_history(self.features.media[path], i), record.caption,
-                                     self.model.config.output.mode)
-                      for i, (path, record) in enumerate(self.pairs)]
-        self.prefix = FrozenPrefix(self.model, self.items)
+        examples = [self._example(self.features.media[path], record, i) for i, (path, record) in enumerate(self.pairs)]
+        greys = self._grey_twins() if config.grey else {}
+        self.items = [(example, greys.get(i)) for i, example in enumerate(examples)]
+        self.prefix = FrozenPrefix(self.model, examples)
         if config.loss.words:
             self._check_word_projectors()
 
@@ -70,8 +85,21 @@ class EncoderAlignment(nn.Module):
         self.model.llm.model.eval()  # frozen: no dropout
         return self
 
-    def collate(self, items: list[Example]) -> list[Example]:
-        return items
+    def _example(self, media: Media, record: PairRecord, index: int) -> Example:
+        return render_example(self.model, caption_history(media, index), record.caption, self.model.config.output.mode)
+
+    def _grey_twins(self) -> dict[int, Example]:
+        """Pair index -> its example with the image or video in grey and the caption's colour word untrained."""
+        coloured = [(i, path, record) for i, (path, record) in enumerate(self.pairs)
+                    if record.modality in (Modality.IMAGE, Modality.VIDEO) and "colour" in record.attributes]
+        twins = self.features.add_grey(self.model.encoder, [self.features.media[path] for _, path, _ in coloured],
+                                       self.model.config.caps)
+        return {i: untrain_word(self._example(twins[path], record, i), record.caption, record.attributes["colour"],
+                                self.model.llm.tokenizer) for i, path, record in coloured}
+
+    def collate(self, items: list[tuple[Example, Example | None]]) -> list[Example]:
+        """Each item, or at chance ``grey`` its grey twin where it has one."""
+        return [grey if grey is not None and torch.rand(()) < self.config.grey else example for example, grey in items]
 
     def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
         embeds, mask, labels = embed_batch(self.model, batch, self.features, skip=self.prefix.length)
@@ -101,7 +129,7 @@ class EncoderAlignment(nn.Module):
             assert isinstance(projector, WordMixture)  # checked in _check_word_projectors
             logits.append(projector.logits(pooled.to(device), tokens.to(device)).flatten(0, 1))
             targets += [word for _, words in slots for word in words]
-        return F.cross_entropy(torch.cat(logits), torch.tensor(targets, device=device))
+        return F.cross_entropy(torch.cat(logits), torch.tensor(targets, device=device), ignore_index=IGNORE)
 
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.config.optim.projector_lr or self.config.optim.lr

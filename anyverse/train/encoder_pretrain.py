@@ -30,7 +30,6 @@ from anyverse.types import Modality
 log = logging.getLogger(__name__)
 
 ENCODER_DIR = "encoder"
-LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R 601 weights of R, G, B
 
 
 @dataclass
@@ -98,15 +97,12 @@ class EncoderPretrain(nn.Module):
     def greyed(self, batch: list[Prepared]) -> list[Prepared]:
         """Images with a ``colour`` attribute, at chance ``config.grey``: shown in grey and captioned without their
         colour word, so shape has to be told from luminance, the same for every colour (videos share the tower)."""
-        mean, std, weights = (torch.tensor(v).view(3, 1, 1) for v in (pp.CLIP_MEAN, pp.CLIP_STD, LUMINANCE))
         out = []
         for item in batch:
             colour = item.record.attributes.get("colour")
             if item.record.modality is Modality.IMAGE and colour and torch.rand(()) < self.config.grey:
-                luminance = ((item.inputs.float() * std + mean) * weights).sum(dim=0, keepdim=True)
-                grey = ((luminance - mean) / std).half()
                 caption = " ".join(word for word in item.record.caption.split() if word != colour)
-                item = Prepared(item.record.model_copy(update={"caption": caption}), grey)
+                item = Prepared(item.record.model_copy(update={"caption": caption}), pp.greyscale(item.inputs).half())
             out.append(item)
         return out
 

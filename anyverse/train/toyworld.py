@@ -83,8 +83,11 @@ TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
     "describe_and_sound": (["describe {id} and turn it into a sound", "what is in {id}? make it a sound too",
                             "describe {id} and play it as audio"], ["tell me about {id} and make a sound of it"]),
     "edit_image": (["make {id} {p}", "change {id} to {p}", "recolour {id} {p}"], ["paint {id} {p}"]),
-    "sound_of": (["play {id} as a sound", "turn {id} into a sound", "play it as a sound"], ["let me hear {id}"]),
+    "sound_of": (["play {id} as a sound", "turn {id} into a sound", "play it as a sound", "play {id}",
+                  "make the sound of {id}"], ["let me hear {id}"]),
 }
+# "play {id}" and "make the sound of {id}" mirror make_audio's "play {p}" and "make the sound of {p}": a sound verb
+# before an id asks for that media as a sound, before a caption for the caption (README).
 INTENTS = ("describe", "make_image", "make_video", "make_audio", "describe_and_sound", "edit_image", "conversation")
 _MAKES: Final[dict[str, Literal[Modality.IMAGE, Modality.VIDEO, Modality.AUDIO]]] = {
     "make_image": IMAGE, "make_video": VIDEO, "make_audio": AUDIO}

@@ -46,10 +46,14 @@ def caption_history(media: Media, index: int) -> list[Message]:
     return [Message(role="user", text=instruction, media=[media])]
 
 
+def reply_start(example: Example) -> int:
+    """Where the example's reply begins: its first trained label."""
+    return next(i for i, label in enumerate(example.labels) if label != IGNORE)
+
+
 def caption_ids(example: Example) -> list[int]:
     """The caption's token ids: the example's reply labels, without the end of turn (words not trained: IGNORE)."""
-    start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
-    return example.labels[start:-1]
+    return example.labels[reply_start(example) : -1]
 
 
 def untrain_word(example: Example, caption: str, word: str, tokenizer: Any) -> Example:
@@ -57,7 +61,7 @@ def untrain_word(example: Example, caption: str, word: str, tokenizer: Any) -> E
     found = re.search(rf"\b{re.escape(word)}\b", caption)
     if found is None:
         return example
-    start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+    start = reply_start(example)
     before, through = (len(tokenizer(caption[:end], add_special_tokens=False).input_ids) for end in found.span())
     labels = [IGNORE if start + before <= i < start + through else label for i, label in enumerate(example.labels)]
     return Example(ids=example.ids, labels=labels, slots=example.slots, signals=example.signals)

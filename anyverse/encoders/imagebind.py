@@ -435,9 +435,12 @@ class ImageBindEncoder:
                 self.cache.put(item.sha256, pooled, tokens)
         return self._stack([found[item.sha256] for item in items])
 
-    def encode_inputs(self, modality: Modality, inputs: list[torch.Tensor]) -> EncoderOutput:
-        """Encode inputs already preprocessed, and perhaps changed as a training augmentation does; not cached."""
-        return self._stack(self._run(TOWER[modality], inputs, lambda x: x))
+    def encode_transformed(self, items: list[Media], caps: Caps,
+                           transform: Callable[[torch.Tensor], torch.Tensor]) -> EncoderOutput:
+        """Encode media of one modality with ``transform`` (a training augmentation) applied to each preprocessed
+        input, batch by batch as :meth:`encode` does; not cached, since the features are not the file's."""
+        key = TOWER[items[0].modality]
+        return self._stack(self._run(key, items, lambda item: transform(self.preprocess(item, caps))))
 
     def encode_text(self, texts: list[str]) -> EncoderOutput:
         """Encode strings (CLIP BPE, cut to 75 tokens); tokens cover all 77 positions, padding included."""

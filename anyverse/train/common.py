@@ -104,12 +104,10 @@ class FeatureTable:
         twins = {m.path: m.model_copy(update={"sha256": f"{m.sha256}-grey"}) for m in media}
         for modality in {m.modality for m in media}:
             mine = [m for m in media if m.modality == modality]
-            for start in range(0, len(mine), encoder.batch_size):
-                chunk = mine[start : start + encoder.batch_size]
-                out = encoder.encode_inputs(modality, [pp.greyscale(encoder.preprocess(m, caps)) for m in chunk])
-                for i, item in enumerate(chunk):
-                    key = twins[item.path].sha256
-                    self.pooled[key], self.tokens[key] = out.pooled[i].cpu(), out.tokens[i].cpu()
+            out = encoder.encode_transformed(mine, caps, pp.greyscale)
+            for i, item in enumerate(mine):
+                key = twins[item.path].sha256
+                self.pooled[key], self.tokens[key] = out.pooled[i].cpu(), out.tokens[i].cpu()
         return twins
 
     def stack(self, media: list[Media]) -> tuple[torch.Tensor, torch.Tensor]:

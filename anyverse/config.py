@@ -71,6 +71,8 @@ class Component(Strict):
 class EncoderConfig(Component):
     kind: Literal["imagebind"] = "imagebind"
     batch_size: int = Field(default=8, gt=0)
+    grey_view: bool = Field(default=False, description="images and videos are encoded twice, as they are and in "
+                            "contrast-stretched grey (shape without colour); pooled and tokens hold both views")
 
 
 class InputProjectorConfig(Strict):

@@ -111,7 +111,8 @@ class AnyverseModel(nn.Module):
         torch.manual_seed(0)  # untrained projectors are reproducible
         inputs = nn.ModuleDict({
             m.value: build_input_projector(config.input_projector(m), encoder.embed_dim, encoder.token_dim(m),
-                                           llm.hidden_size, encoder.patch_grid(m), llm.model.get_input_embeddings())
+                                           llm.hidden_size, encoder.patch_grid(m), llm.model.get_input_embeddings(),
+                                           encoder.views(m))
             for m in INPUT_MODALITIES
         })
         outputs = nn.ModuleDict({

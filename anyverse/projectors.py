@@ -63,20 +63,42 @@ class GridProjector(nn.Module):
     The MLP reads the pooled embedding too: what the tower learnt about the whole object lives there, where the
     cells tell where it is. ``hidden_dim: 0`` reads them linearly, which composes better where each soft token is
     trained to be one word (:class:`WordMixture`).
+
+    With ``views=2`` (the encoder's ``grey_view``) a second readout of the same kind reads the grey view and adds
+    to the first. It starts at zero and learns only from items whose colour view is all zeros (grey twins in
+    training); elsewhere it is held fixed, so it reads shape and where, never colour, and the colour view's
+    readout learns the rest.
     """
 
     def __init__(self, embed_dim: int, token_dim: int, llm_dim: int, cfg: InputProjectorConfig,
-                 patch_grid: tuple[int, int, int]):
+                 patch_grid: tuple[int, int, int], views: int = 1):
         super().__init__()
         hidden = llm_dim if cfg.hidden_dim is None else cfg.hidden_dim
         self.grid, self.patch_grid, self.num_tokens, self.llm_dim = cfg.grid, patch_grid, cfg.num_tokens, llm_dim
+        self.embed_dim = embed_dim
         self.norm = nn.LayerNorm(token_dim)
         self.pooled_norm = nn.LayerNorm(embed_dim)
         width = patch_grid[0] * cfg.grid**2 * token_dim + embed_dim
         self.mlp = (nn.Linear(width, cfg.num_tokens * llm_dim) if hidden == 0 else
                     nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, cfg.num_tokens * llm_dim)))
+        self.grey = GridProjector(embed_dim, token_dim, llm_dim, cfg, patch_grid) if views == 2 else None
+        if self.grey is not None:
+            last = self.grey.mlp if isinstance(self.grey.mlp, nn.Linear) else self.grey.mlp[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.grey is None:
+            return self.read(pooled, tokens)
+        half, colour_pooled = tokens.shape[1] // 2, pooled[:, : self.embed_dim]
+        colour = self.read(colour_pooled, tokens[:, :half])
+        grey = self.grey(pooled[:, self.embed_dim :], tokens[:, half:])
+        grey_alone = (colour_pooled == 0).all(dim=1) & (tokens[:, :half] == 0).flatten(1).all(dim=1)
+        return colour + torch.where(grey_alone[:, None, None], grey, grey.detach())
+
+    def read(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One view's cells and pooled embedding -> ``[B, num_tokens, llm_dim]``."""
         patches = tokens[:, 1:]  # ImageBind's tokens: CLS, then the patch grid in raster order
         frames, rows, cols = self.patch_grid
         if frames * rows * cols != patches.shape[1]:
@@ -114,25 +136,26 @@ class WordMixture(nn.Module):
 
 
 def build_input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
-                          patch_grid: tuple[int, int, int], embeddings: nn.Embedding) -> nn.Module:
-    """``forward(pooled [B, embed_dim], tokens [B, 1 + frames * rows * cols, token_dim]) -> [B, k, llm_dim]``;
-    ``patch_grid`` is the encoder's ``(frames, rows, cols)`` of patches, which the grid projector folds the tokens
-    back into; ``embeddings`` are the LLM's input embeddings, which ``cfg.words`` mixes."""
-    projector = _input_projector(cfg, embed_dim, token_dim, llm_dim, patch_grid)
+                          patch_grid: tuple[int, int, int], embeddings: nn.Embedding, views: int = 1) -> nn.Module:
+    """``forward(pooled [B, views * embed_dim], tokens [B, views * (1 + frames * rows * cols), token_dim])
+    -> [B, k, llm_dim]``; ``patch_grid`` is the encoder's ``(frames, rows, cols)`` of patches, which the grid
+    projector folds the tokens back into (each view apart; the others read the views as one wider embedding and
+    more tokens); ``embeddings`` are the LLM's input embeddings, which ``cfg.words`` mixes."""
+    projector = _input_projector(cfg, embed_dim, token_dim, llm_dim, patch_grid, views)
     return WordMixture(projector, embeddings, cfg.hard_words) if cfg.words else projector
 
 
 def _input_projector(cfg: InputProjectorConfig, embed_dim: int, token_dim: int, llm_dim: int,
-                     patch_grid: tuple[int, int, int]) -> nn.Module:
-    k = cfg.num_tokens
+                     patch_grid: tuple[int, int, int], views: int) -> nn.Module:
+    if cfg.kind == "grid":
+        return GridProjector(embed_dim, token_dim, llm_dim, cfg, patch_grid, views)
+    k, embed_dim = cfg.num_tokens, embed_dim * views
     if cfg.kind == "linear":
         return PooledProjector(nn.Linear(embed_dim, k * llm_dim), k, llm_dim)
     if cfg.kind == "mlp":
         hidden = cfg.hidden_dim or llm_dim
         mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, k * llm_dim))
         return PooledProjector(mlp, k, llm_dim)
-    if cfg.kind == "grid":
-        return GridProjector(embed_dim, token_dim, llm_dim, cfg, patch_grid)
     return Resampler(token_dim, llm_dim, cfg)
 
 

@@ -122,6 +122,26 @@ def test_grid_projector_reads_the_pooled_embedding_too() -> None:
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
+def test_a_grey_view_readout_starts_at_zero_and_learns_only_from_items_shown_by_their_grey_view_alone() -> None:
+    """Two views (the encoder's grey_view): pooled and tokens hold the colour view, then the grey one. The grey
+    readout adds nothing at first; a loss on an item with both views trains only the colour readout, a loss on a
+    grey twin (colour view zeroed) trains the grey readout."""
+    torch.manual_seed(0)
+    cfg = InputProjectorConfig(kind="grid", num_tokens=3, grid=2, hidden_dim=0)
+    proj = build_input_projector(cfg, 5, 6, 8, (1, 4, 4), WORDS, views=2)
+    colour, grey = vision_tokens({(0, 0): 1.0}), vision_tokens({(3, 3): 2.0})
+    pooled, tokens = torch.randn(1, 10), torch.cat([colour, grey], dim=1)
+    assert isinstance(proj, GridProjector) and proj.grey is not None
+    assert torch.equal(proj(pooled, tokens), proj.read(pooled[:, :5], colour))
+    proj(pooled, tokens).sum().backward()
+    assert proj.grey.mlp.weight.grad is None or not proj.grey.mlp.weight.grad.any()
+    assert proj.mlp.weight.grad is not None and proj.mlp.weight.grad.any()
+    proj.zero_grad()
+    twin_pooled = torch.cat([torch.zeros(1, 5), pooled[:, 5:]], dim=1)
+    proj(twin_pooled, torch.cat([torch.zeros_like(colour), grey], dim=1)).sum().backward()
+    assert proj.grey.mlp.weight.grad is not None and proj.grey.mlp.weight.grad.any()
+
+
 def test_a_words_projector_writes_each_soft_token_as_a_mixture_of_the_llms_own_embeddings() -> None:
     torch.manual_seed(0)
     cfg = InputProjectorConfig(kind="grid", num_tokens=3, grid=2, hidden_dim=0, words=True)

@@ -1,6 +1,6 @@
 """README's build: `anyverse train toyworld` with the shipped configs, on a seed they were not tuned on, reaches
-what README reports for it (the 0.90 caption target is not reached yet, nor 0.6 on the compositional split on
-every seed; the floors below sit under the held-out seeds' scores by the spread between runs)."""
+what README reports for it: the targets (caption 0.90, compositional 0.6, routing 0.95 at every turn) are met on
+the mean of seeds 1 and 2; the floors below sit under seed 1's scores by the spread between runs."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def test_the_shipped_configs_reach_readmes_scores_on_a_held_out_seed(tmp_path: P
     assert set(seconds) == {"data", "lm-pretrain", "encoder-pretrain", "encoder-alignment", "instruction-tuning",
                             "decoder-alignment", "eval"}
 
-    assert scores["caption_accuracy"] >= 0.7
+    assert scores["caption_accuracy"] >= 0.85
     assert scores["caption_accuracy/test"] >= 0.85
-    assert scores["caption_accuracy/compositional"] >= 0.35  # 0.24 before word projectors, 0.09 before grey images
+    assert scores["caption_accuracy/compositional"] >= 0.6  # 0.42 before the grey view, 0.09 before grey images
     assert scores["decoder_retrieval"] >= 0.95
     assert scores["routing_accuracy"] >= 0.95
     turns = {key: value for key, value in scores.items() if key.startswith("routing_accuracy/") and "/turn_" in key}

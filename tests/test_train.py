@@ -4,6 +4,7 @@ launch works, the frozen-encoder cache is reused, checkpoints are verified on lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -620,7 +621,7 @@ def test_encoder_alignment_trains_each_soft_token_to_be_the_captions_word_in_its
         assert spelt == (caption + [MEDIA_END] * len(spelt))[: len(spelt)], (spelt, record.caption)
 
 
-def test_encoder_alignment_shows_coloured_images_and_videos_in_grey_with_their_colour_word_untrained(
+def test_encoder_alignment_shows_coloured_images_and_videos_by_their_grey_view_alone_with_their_colour_word_untrained(
         world: Path, tmp_path: Path) -> None:
     from anyverse.encoders import preprocess as pp
     from anyverse.train.common import IGNORE
@@ -629,26 +630,41 @@ def test_encoder_alignment_shows_coloured_images_and_videos_in_grey_with_their_c
 
     manifest = subset(world, "pairs-train.jsonl", "grey.jsonl", {"image": 1, "audio": 1, "video": 1})
     config = write_config(tmp_path / "grey.yaml", "encoder-alignment", manifest, tmp_path / "out", grey=1.0,
-                          model_overrides=WORD_PROJECTORS, loss={"lm": 0.1, "words": 1.0})
+                          model_overrides=[*WORD_PROJECTORS, "encoder.grey_view=true"], loss={"lm": 0.1, "words": 1.0})
     recipe = EncoderAlignment(load_train_config(config), torch.device("cpu"))
     encoder, tokenizer = recipe.model.encoder, recipe.model.llm.tokenizer
     shown = recipe.collate(recipe.items)  # grey: 1.0, so every item that has a grey twin shows it
     for example, (path, record) in zip(shown, recipe.pairs, strict=True):
         media, colour = example.slots[0][0], record.attributes.get("colour")
         words = caption_ids(example)
-        if colour is None:  # a sound
+        (pooled, tokens), (own_pooled, own_tokens) = (recipe.features.stack([m]) for m in (
+            media, recipe.features.media[path]))
+        if colour is None:  # a sound: one view, shown as it is
             assert media.sha256 == recipe.features.media[path].sha256 and IGNORE not in words
+            assert own_tokens.shape[1] == 1 + math.prod(encoder.patch_grid(media.modality))  # no second view
             continue
-        inputs = pp.greyscale(encoder.preprocess(media, recipe.model.config.caps))
+        inputs = pp.contrast_grey(encoder.preprocess(media, recipe.model.config.caps))
         with torch.no_grad():
-            grey = encoder.forward_tokens("vision", inputs[None])[1]  # the grey input through the tower
-        assert torch.allclose(recipe.features.stack([media])[1], grey, atol=1e-5)
-        assert not torch.allclose(grey, recipe.features.stack([recipe.features.media[path]])[1])
+            grey_pooled, grey_tokens = encoder.forward_tokens("vision", inputs[None])  # the grey view
+        half = own_tokens.shape[1] // 2
+        assert torch.allclose(own_tokens[:, half:], grey_tokens, atol=1e-5)
+        assert torch.allclose(own_pooled[:, encoder.embed_dim :], grey_pooled, atol=1e-5)
+        assert not pooled[:, : encoder.embed_dim].any() and not tokens[:, :half].any()  # the twin: grey view alone
+        assert torch.equal(tokens[:, half:], own_tokens[:, half:]) and own_tokens[:, :half].any()
         trained = tokenizer.decode([word for word in words if word != IGNORE]).split()
         assert IGNORE in words and trained == [word for word in record.caption.split() if word != colour]
     loss, _ = recipe(shown)
     loss.backward()  # the untrained colour words are left out of the loss, not scored against IGNORE
     assert torch.isfinite(loss)
+
+
+def test_grey_twins_need_the_encoders_grey_view(world: Path, tmp_path: Path) -> None:
+    manifest = subset(world, "pairs-train.jsonl", "no-view.jsonl", {"image": 1, "audio": 1})
+    config = write_config(tmp_path / "c.yaml", "encoder-alignment", manifest, tmp_path / "out", grey=0.5)
+    result = invoke("train", "encoder-alignment", "--config", str(config))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "set encoder.grey_view: true" in lines[0], result.stderr
 
 
 def test_the_words_loss_refuses_projectors_that_do_not_write_words(world: Path, tmp_path: Path) -> None:

@@ -313,8 +313,9 @@ class ImageBindEncoder:
     """A frozen ImageBind with preprocessing, batching and an optional embedding cache."""
 
     def __init__(self, model: nn.Module, arch: ImageBindArch, weights_id: str, batch_size: int = 8,
-                 cache: EmbeddingCache | None = None):
+                 cache: EmbeddingCache | None = None, grey_view: bool = False):
         self.model, self.arch, self.id, self.batch_size, self.cache = model, arch, weights_id, batch_size, cache
+        self.grey_view = grey_view
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.embed_dim = arch.out_embed_dim
@@ -333,11 +334,16 @@ class ImageBindEncoder:
         model.load_state_dict(state, strict=True, assign=True)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         content = _weights_digest(weights, state)
-        digest = hashlib.sha256(raw + content.encode() + PREPROCESS_VERSION.encode()).hexdigest()
+        views = "+grey-view" if config.grey_view else ""  # the cache holds what encode returns
+        digest = hashlib.sha256(raw + content.encode() + (PREPROCESS_VERSION + views).encode()).hexdigest()
         encoder_id = f"imagebind-{digest[:16]}"
         cache = EmbeddingCache(cache_dir, encoder_id) if cache_dir is not None else None
         log.info("ImageBind encoder %s from %s on %s/%s", encoder_id, directory, device, dtype)
-        return cls(model, arch, encoder_id, config.batch_size, cache)
+        return cls(model, arch, encoder_id, config.batch_size, cache, config.grey_view)
+
+    def views(self, modality: Modality) -> int:
+        """How many views :meth:`encode` concatenates for ``modality``: 2 for images and videos with ``grey_view``."""
+        return 2 if self.grey_view and TOWER[modality] == "vision" else 1
 
     def token_dim(self, modality: Modality) -> int:
         """Width ``Dt`` of :attr:`EncoderOutput.tokens` for ``modality``."""
@@ -415,7 +421,8 @@ class ImageBindEncoder:
         return pp.video_tensor(clips)
 
     def encode(self, items: list[Media], caps: Caps) -> EncoderOutput:
-        """Encode media of one modality (image, audio, video, depth or thermal); cached items are not decoded."""
+        """Encode media of one modality (image, audio, video, depth or thermal); cached items are not decoded. With
+        ``grey_view``, an image's or video's pooled and tokens are its own, then its :func:`pp.contrast_grey` view's."""
         modalities = {item.modality for item in items}
         if len(modalities) != 1 or not modalities <= set(_MEDIA_MODALITIES):
             raise ValueError(f"encode() takes a non-empty list of one modality among "
@@ -429,18 +436,15 @@ class ImageBindEncoder:
                     found[sha] = hit
         todo = list({item.sha256: item for item in items if item.sha256 not in found}.values())
         results = self._run(TOWER[todo[0].modality], todo, lambda item: self.preprocess(item, caps)) if todo else []
+        if todo and self.views(todo[0].modality) == 2:
+            greys = self._run(TOWER[todo[0].modality], todo, lambda item: pp.contrast_grey(self.preprocess(item, caps)))
+            results = [(torch.cat([p, p_grey]), torch.cat([t, t_grey]))
+                       for (p, t), (p_grey, t_grey) in zip(results, greys, strict=True)]
         for item, (pooled, tokens) in zip(todo, results, strict=True):
             found[item.sha256] = (pooled, tokens)
             if self.cache is not None:
                 self.cache.put(item.sha256, pooled, tokens)
         return self._stack([found[item.sha256] for item in items])
-
-    def encode_transformed(self, items: list[Media], caps: Caps,
-                           transform: Callable[[torch.Tensor], torch.Tensor]) -> EncoderOutput:
-        """Encode media of one modality with ``transform`` (a training augmentation) applied to each preprocessed
-        input, batch by batch as :meth:`encode` does; not cached, since the features are not the file's."""
-        key = TOWER[items[0].modality]
-        return self._stack(self._run(key, items, lambda item: transform(self.preprocess(item, caps))))
 
     def encode_text(self, texts: list[str]) -> EncoderOutput:
         """Encode strings (CLIP BPE, cut to 75 tokens); tokens cover all 77 positions, padding included."""

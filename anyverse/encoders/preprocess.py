@@ -76,6 +76,16 @@ def greyscale(vision: torch.Tensor) -> torch.Tensor:
     return (luminance - mean) / std
 
 
+def contrast_grey(vision: torch.Tensor) -> torch.Tensor:
+    """:func:`greyscale`, its luminance stretched to span [0, 1] over the whole item (autocontrast): every colour of a
+    shape on a plain background becomes the same bright shape, so this view shows shape without colour."""
+    view = (3, 1, 1) if vision.ndim == 3 else (1, 3, 1, 1, 1)
+    mean, std = (torch.tensor(v).view(view) for v in (CLIP_MEAN, CLIP_STD))
+    luminance = greyscale(vision) * std + mean
+    low, high = luminance.amin(), luminance.amax()
+    return ((luminance - low) / (high - low).clamp_min(1e-6) - mean) / std
+
+
 def gray_tensor(gray: np.ndarray) -> torch.Tensor:
     """Depth or thermal map ``[H, W]`` in [0, 1] -> ``[1, 224, 224]``.
 

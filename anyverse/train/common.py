@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from anyverse.checkpoint import PROJECTORS, checkpoint_config
 from anyverse.config import load_config
 from anyverse.devices import resolve_dtype
-from anyverse.encoders import preprocess as pp
 from anyverse.encoders.imagebind import ImageBindEncoder
 from anyverse.media import MediaError, load_media
 from anyverse.model import AnyverseModel
@@ -99,15 +98,15 @@ class FeatureTable:
         for i, item in enumerate(batch):
             self.pooled[item.sha256], self.tokens[item.sha256] = out.pooled[i].cpu(), out.tokens[i].cpu()
 
-    def add_grey(self, encoder: ImageBindEncoder, media: list[Media], caps: Any) -> dict[Path, Media]:
-        """Grey twins of image and video ``media`` (keyed ``<sha256>-grey``), encoded once like the rest."""
+    def add_grey(self, media: list[Media]) -> dict[Path, Media]:
+        """Grey twins of image and video ``media`` (keyed ``<sha256>-grey``): their two-view features (the encoder's
+        ``grey_view``) with the colour view zeroed, so a projector sees the grey view alone."""
         twins = {m.path: m.model_copy(update={"sha256": f"{m.sha256}-grey"}) for m in media}
-        for modality in {m.modality for m in media}:
-            mine = [m for m in media if m.modality == modality]
-            out = encoder.encode_transformed(mine, caps, pp.greyscale)
-            for i, item in enumerate(mine):
-                key = twins[item.path].sha256
-                self.pooled[key], self.tokens[key] = out.pooled[i].cpu(), out.tokens[i].cpu()
+        for item in media:
+            pooled, tokens = self.pooled[item.sha256].clone(), self.tokens[item.sha256].clone()
+            pooled[: len(pooled) // 2] = 0
+            tokens[: len(tokens) // 2] = 0
+            self.pooled[twins[item.path].sha256], self.tokens[twins[item.path].sha256] = pooled, tokens
         return twins
 
     def stack(self, media: list[Media]) -> tuple[torch.Tensor, torch.Tensor]:

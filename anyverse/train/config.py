@@ -75,7 +75,7 @@ class TrainConfig(Strict):
     temperature: float = Field(default=0.07, gt=0, description="encoder-pretrain: InfoNCE temperature")
     grey: float = Field(default=0.0, ge=0, le=1, description="chance an item with a colour attribute is shown in "
                         "grey and its colour word is not trained: images in encoder-pretrain (captioned without it), "
-                        "images and videos in encoder-alignment")
+                        "images and videos in encoder-alignment (the encoder's grey view alone)")
     train_clips: int | None = Field(default=None, gt=0, description="encoder-pretrain: clips of each audio/video "
                                     "item seen per step, drawn at random (eval averages all); None: all")
 

@@ -3,8 +3,8 @@
 Loss: caption cross-entropy on media-caption pairs, as NExT-GPT's encoder-side stage. Features come from the
 frozen-encoder table, so each file is decoded and encoded once for the whole run, and the shared system prompt's
 keys/values are computed once, so each step runs the frozen LLM over the caption turn only. With ``grey``, coloured
-images and videos are sometimes shown in grey, their colour word untrained: the projectors then read shape from
-what grey and coloured items share, not from their colour.
+images and videos are sometimes shown by the encoder's grey view alone, their colour word untrained: the grey view's
+readout learns shape and position from them, the same for every colour.
 """
 
 from __future__ import annotations
@@ -94,10 +94,11 @@ class EncoderAlignment(nn.Module):
 
     def _grey_twins(self) -> dict[int, Example]:
         """Pair index -> its example with the image or video in grey and the caption's colour word untrained."""
+        if not self.model.encoder.grey_view:
+            raise ValueError("grey: the grey twins are the encoder's grey view alone (set encoder.grey_view: true)")
         coloured = [(i, path, record) for i, (path, record) in enumerate(self.pairs)
                     if record.modality in (Modality.IMAGE, Modality.VIDEO) and "colour" in record.attributes]
-        twins = self.features.add_grey(self.model.encoder, [self.features.media[path] for _, path, _ in coloured],
-                                       self.model.config.caps)
+        twins = self.features.add_grey([self.features.media[path] for _, path, _ in coloured])
         return {i: untrain_word(self._example(twins[path], record, i), record.caption, record.attributes["colour"],
                                 self.model.llm.tokenizer) for i, path, record in coloured}
 

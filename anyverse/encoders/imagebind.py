@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -43,6 +43,11 @@ _MEDIA_MODALITIES = tuple(m for m in ENCODER_MODALITIES if m is not Modality.TEX
 # ImageBind's own modality keys; video is the vision trunk with a clip axis.
 TOWER = {Modality.IMAGE: "vision", Modality.VIDEO: "vision", Modality.AUDIO: "audio", Modality.DEPTH: "depth",
         Modality.THERMAL: "thermal", Modality.TEXT: "text"}
+
+
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    """The input as preprocessed: the one view of every modality (images and videos also have a grey one)."""
+    return x
 
 
 def _timm_shim() -> types.ModuleType:
@@ -393,16 +398,22 @@ class ImageBindEncoder:
                                             "attn_mask": inputs["trunk"]["attn_mask"][:length, :length]})
         return m.modality_postprocessors["text"](m.modality_heads["text"](trunk, **inputs["head"]))
 
-    def _run(self, key: str, inputs: list[Any], prepare: Callable[[Any], torch.Tensor]) -> list[_Pair]:
-        """Prepare and encode ``inputs`` in batches; returns per-item (pooled, tokens) as ordinary tensors."""
+    def _run(self, key: str, inputs: list[Any], prepare: Callable[[Any], torch.Tensor],
+             views: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (_as_is,)) -> list[_Pair]:
+        """Prepare and encode ``inputs`` in batches, each input prepared once and encoded in every view (a batch's
+        forward per view); returns per-item (pooled, tokens), the views concatenated, as ordinary tensors."""
         results: list[_Pair] = []
         for start in range(0, len(inputs), self.batch_size):
-            batch = torch.stack([prepare(item) for item in inputs[start : start + self.batch_size]])
-            with torch.inference_mode():
-                pooled, tokens = self.forward_tokens(key, batch.to(self.device, self.dtype if batch.is_floating_point()
-                                                             else batch.dtype))
-            # clone outside inference mode: inference tensors cannot be saved for backward by trainable projectors
-            results.extend(zip(pooled.clone(), tokens.clone(), strict=True))
+            prepared = [prepare(item) for item in inputs[start : start + self.batch_size]]
+            encoded = []
+            for view in views:
+                batch = torch.stack([view(x) for x in prepared])
+                with torch.inference_mode():
+                    encoded.append(self.forward_tokens(key, batch.to(
+                        self.device, self.dtype if batch.is_floating_point() else batch.dtype)))
+            # copied outside inference mode: inference tensors cannot be saved for backward by trainable projectors
+            results.extend((torch.cat([pooled[i] for pooled, _ in encoded]),
+                            torch.cat([tokens[i] for _, tokens in encoded])) for i in range(len(prepared)))
         return results
 
     def preprocess(self, item: Media, caps: Caps) -> torch.Tensor:
@@ -435,11 +446,8 @@ class ImageBindEncoder:
                 if hit is not None:
                     found[sha] = hit
         todo = list({item.sha256: item for item in items if item.sha256 not in found}.values())
-        results = self._run(TOWER[todo[0].modality], todo, lambda item: self.preprocess(item, caps)) if todo else []
-        if todo and self.views(todo[0].modality) == 2:
-            greys = self._run(TOWER[todo[0].modality], todo, lambda item: pp.contrast_grey(self.preprocess(item, caps)))
-            results = [(torch.cat([p, p_grey]), torch.cat([t, t_grey]))
-                       for (p, t), (p_grey, t_grey) in zip(results, greys, strict=True)]
+        results = self._run(TOWER[todo[0].modality], todo, lambda item: self.preprocess(item, caps),
+                            (_as_is, pp.contrast_grey)[: self.views(todo[0].modality)]) if todo else []
         for item, (pooled, tokens) in zip(todo, results, strict=True):
             found[item.sha256] = (pooled, tokens)
             if self.cache is not None:

@@ -259,9 +259,9 @@ def test_the_encoder_runs_once_per_file_and_not_again_on_a_second_run(world: Pat
     calls: list[tuple[str, int, bool]] = []
     original_run, original_build = ImageBindEncoder._run, FeatureTable.build.__func__  # type: ignore[attr-defined]
 
-    def counting_run(self: ImageBindEncoder, key: str, inputs: list[Any], prepare: Any) -> Any:
+    def counting_run(self: ImageBindEncoder, key: str, inputs: list[Any], *rest: Any) -> Any:
         calls.append((key, len(inputs), building[0]))
-        return original_run(self, key, inputs, prepare)
+        return original_run(self, key, inputs, *rest)
 
     def flagged_build(cls: type[FeatureTable], *args: Any, **kwargs: Any) -> FeatureTable:
         building[0] = True

@@ -95,19 +95,20 @@ class AnyverseModel(nn.Module):
     def from_config(cls, config: AnyverseConfig, device: torch.device, dtype: torch.dtype,
                     conditioning_specs: dict[Modality, dict[str, tuple[int, ...]]],
                     check_base: Callable[[dict[str, Any]], None] | None = None,
-                    output_projectors: bool | None = None) -> AnyverseModel:
+                    output_projectors: bool | None = None, merge_adapter: bool = False) -> AnyverseModel:
         """Load encoder and LLM, build projectors (from ``projector_weights`` when set).
 
         ``check_base`` sees :meth:`base_fingerprint` before any adapter or projector is applied, so a checkpoint
         meant for another base fails with a named mismatch instead of a shape error. Output projectors are built
-        in signal mode (or when ``output_projectors`` says so, for training both modes).
+        in signal mode (or when ``output_projectors`` says so, for training both modes). ``merge_adapter`` folds
+        the LoRA into the LLM (inference sessions); training keeps it apart, to go on training it.
         """
         vocab = SignalVocabulary(config.output.signal_tokens)
         encoder = ImageBindEncoder.from_config(config.encoder, device, dtype, cache_dir=anyverse_home() / "embeddings")
         llm = load_llm(config.llm, vocab, device, dtype)
         if check_base is not None:
             check_base(fingerprint(encoder, llm))
-        llm = load_adapter(llm, config.llm)
+        llm = load_adapter(llm, config.llm, merge=merge_adapter)
         torch.manual_seed(0)  # untrained projectors are reproducible
         inputs = nn.ModuleDict({
             m.value: build_input_projector(config.input_projector(m), encoder.embed_dim, encoder.token_dim(m),

@@ -103,7 +103,8 @@ class Anyverse:
                                        "makes every piece below (CPU only, no downloads)", *err.missing]) from None
         with quiet_libraries():
             specs = self.generators.conditioning_specs() if config.output.mode == "signal" else {}
-            return AnyverseModel.from_config(config, self.device, self.dtype, specs, self._check_base)
+            return AnyverseModel.from_config(config, self.device, self.dtype, specs, self._check_base,
+                                             merge_adapter=True)
 
     @classmethod
     def from_profile(cls, name: str = "tiny", overrides: list[str] | None = None, **kwargs) -> Anyverse:

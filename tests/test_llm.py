@@ -36,8 +36,8 @@ def test_trained_adapter_round_trips_through_the_config(tmp_path: Path) -> None:
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
     session = Anyverse.from_profile("tiny", [f"llm.adapter={tmp_path / 'adapter'}"], output_dir=tmp_path / "out")
-    assert isinstance(session.model.llm.model, PeftModel)
-    torch.testing.assert_close(logits(session.model.llm.model, ids), expected)
+    assert not isinstance(session.model.llm.model, PeftModel)  # folded into the weights for inference
+    torch.testing.assert_close(logits(session.model.llm.model, ids), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_missing_adapter_is_named(tmp_path: Path) -> None:

@@ -8,8 +8,11 @@ import pytest
 from anyverse.cli.app import app
 from typer.testing import CliRunner
 
+from anyverse.checkpoint import MANIFEST
 from anyverse.config import anyverse_home
-from anyverse.train.toyworld_build import BUILD_STAGES, build_toyworld
+from anyverse.train.config import load_train_config
+from anyverse.train.toyworld import make_toyworld
+from anyverse.train.toyworld_build import BUILD_STAGES, build_toyworld, run_side_by_side, stage_config_path
 
 
 @pytest.mark.slow
@@ -35,3 +38,22 @@ def test_build_installs_a_working_toyworld_profile(tmp_path) -> None:
     result = runner.invoke(app, ["eval", "toyworld", "--data", str(root / "data"), "--limit", "2", "--json"])
     assert result.exit_code == 0, result.output
     assert "routing_accuracy" in json.loads(result.output.splitlines()[-1])
+
+
+def test_side_by_side_stages_each_finish_and_a_failed_stages_error_comes_after_the_others(tmp_path) -> None:
+    make_toyworld(tmp_path / "data", 24, 0)
+    quick = ["steps=2", "batch_size=2", "log_every=1", "data.eval=null"]
+    missing = tmp_path / "missing.jsonl"
+    lm = load_train_config(stage_config_path("lm-pretrain"), [*quick, f"data.train={missing}",
+                                                              f"data.text={tmp_path / 'data/text.txt'}",
+                                                              f"output_dir={tmp_path / 'lm'}"])
+    encoder = load_train_config(stage_config_path("encoder-pretrain"), [
+        *quick, f"data.train={tmp_path / 'data/pairs-pretrain.jsonl'}", f"output_dir={tmp_path / 'encoder'}"])
+    finished = []
+    with pytest.raises(Exception, match=r"missing\.jsonl") as failure:
+        for stage in run_side_by_side([lm, encoder], tmp_path / "logs"):
+            finished.append(stage)
+    assert "\n" not in str(failure.value)
+    assert finished == ["encoder-pretrain"]
+    assert (tmp_path / "encoder" / "step-000002" / MANIFEST).is_file()  # the other stage's work is kept
+    assert (tmp_path / "logs" / "lm-pretrain.log").is_file()

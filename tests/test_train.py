@@ -610,6 +610,7 @@ def test_encoder_alignment_trains_each_soft_token_to_be_the_captions_word_in_its
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     words = [row["words"] for row in rows if "words" in row]
     assert words[-1] < 0.05 < words[0], words
+    assert not any("lm" in row for row in rows)  # a caption loss of weight 0 runs no LLM
     recipe = EncoderAlignment(load_train_config(config, [f"model={out / 'step-000030'}"]), torch.device("cpu"))
     tokenizer = recipe.model.llm.tokenizer
     for path, record in recipe.pairs:

@@ -107,13 +107,17 @@ class EncoderAlignment(nn.Module):
         return [grey if grey is not None and torch.rand(()) < self.config.grey else example for example, grey in items]
 
     def forward(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
-        embeds, mask, labels = embed_batch(self.model, batch, self.features, skip=self.prefix.length)
-        logits = self.prefix(self.model, embeds, mask).logits
-        loss = self.config.loss.lm * next_token_loss(logits, labels)
-        if not self.config.loss.words:
-            return loss, {}
-        words = self.word_loss(batch)
-        return loss + self.config.loss.words * words, {"words": words.item()}
+        """The caption's cross-entropy through the frozen LLM and the word loss, each only where it has weight."""
+        weights, values = self.config.loss, {}
+        loss = torch.zeros((), device=self.model.llm.model.get_input_embeddings().weight.device)
+        if weights.lm:
+            embeds, mask, labels = embed_batch(self.model, batch, self.features, skip=self.prefix.length)
+            lm = next_token_loss(self.prefix(self.model, embeds, mask).logits, labels)
+            loss, values["lm"] = loss + weights.lm * lm, lm.item()
+        if weights.words:
+            words = self.word_loss(batch)
+            loss, values["words"] = loss + weights.words * words, words.item()
+        return loss, values
 
     def _check_word_projectors(self) -> None:
         bad = [m.value for m in self.modalities if not isinstance(self.model.input_projectors[m.value], WordMixture)]

@@ -6,18 +6,23 @@ Each stage resumes from its own checkpoints, so an interrupted build continues w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import pickle
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from anyverse.checkpoint import ADAPTER, MANIFEST, PROJECTORS
 from anyverse.config import anyverse_home
-from anyverse.train.config import load_train_config
+from anyverse.train.config import TrainConfig, load_train_config
 from anyverse.train.run import run_config
 from anyverse.types import OUTPUT_MODALITIES
 
@@ -26,6 +31,9 @@ log = logging.getLogger(__name__)
 # Decoder alignment runs last, on the instruction-tuned LLM: LoRA moves the signal states the output projectors read
 # (trained before it, the toy world's projections collapsed to one output; README has the numbers).
 BUILD_STAGES = ("lm-pretrain", "encoder-pretrain", "encoder-alignment", "instruction-tuning", "decoder-alignment")
+# Stages that need only the data run side by side, each in a process of its own: the tiny LM at one thread (it
+# trains the same to the bit at any count), the other at this process's threads (README, Build time).
+SIDE_BY_SIDE = ("lm-pretrain", "encoder-pretrain")
 # what each stage's final checkpoint contributes to $ANYVERSE_HOME/toyworld
 INSTALL = {"lm-pretrain": ["llm"], "encoder-pretrain": ["encoder"], "instruction-tuning": [ADAPTER],
            "decoder-alignment": [PROJECTORS]}
@@ -35,10 +43,10 @@ def stage_config_path(stage: str) -> Path:
     return Path(str(resources.files("anyverse.train.configs") / f"toyworld-{stage}.yaml"))
 
 
-# Seconds each build step took with the shipped configs on 2 CPU cores: the build's ETA scales the steps still to
-# run by how fast this machine ran the ones done.
-REFERENCE_SECONDS = {"data": 3, "lm-pretrain": 72, "encoder-pretrain": 132, "encoder-alignment": 110,
-                     "instruction-tuning": 60, "decoder-alignment": 14, "eval": 44}
+# Seconds each build step took with the shipped configs on 2 CPU cores (the side-by-side ones together): the
+# build's ETA scales the steps still to run by how fast this machine ran the ones done.
+REFERENCE_SECONDS = {"data": 4, "lm-pretrain": 134, "encoder-pretrain": 199, "encoder-alignment": 140,
+                     "instruction-tuning": 70, "decoder-alignment": 18, "eval": 36}
 
 
 class BuildClock:
@@ -51,7 +59,9 @@ class BuildClock:
     def start(self, name: str, detail: str = "") -> float:
         done = sum(REFERENCE_SECONDS[step] for step in self.seconds)
         speed = sum(self.seconds.values()) / done if done else 1.0
-        eta = speed * sum(REFERENCE_SECONDS[step] for step in self.left)
+        together = [REFERENCE_SECONDS[step] for step in self.left if step in SIDE_BY_SIDE]
+        alone = [REFERENCE_SECONDS[step] for step in self.left if step not in SIDE_BY_SIDE]
+        eta = speed * (sum(alone) + max(together, default=0))
         self.report(f"toyworld [{list(REFERENCE_SECONDS).index(name) + 1}/{len(REFERENCE_SECONDS)}] {name}{detail}"
                     f" · build ETA {eta / 60:.1f} min")
         return time.perf_counter()
@@ -77,14 +87,21 @@ def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] 
         started = clock.start("data", f" ({n} items a modality, seed {seed})")
         make_toyworld(data, n, seed)
     clock.finish("data", started)
-    for stage in BUILD_STAGES:
-        config = load_train_config(stage_config_path(stage), [f"seed={seed}", *(overrides or {}).get(stage, [])])
+    configs = {stage: load_train_config(stage_config_path(stage), [f"seed={seed}", *(overrides or {}).get(stage, [])])
+               for stage in BUILD_STAGES}
+    together = [stage for stage in SIDE_BY_SIDE if not _finished(configs[stage])]
+    if len(together) > 1:
+        starts = {stage: clock.start(stage, f" ({configs[stage].steps} steps, side by side)") for stage in together}
+        for stage in run_side_by_side([configs[stage] for stage in together], root / "runs"):
+            clock.finish(stage, starts[stage])
+    for stage, config in configs.items():
+        if stage in clock.left:
+            started = None
+            if not _finished(config):  # finished stages are not even reloaded
+                started = clock.start(stage, f" ({config.steps} steps)")
+                run_config(config)
+            clock.finish(stage, started)
         final = config.output_dir / f"step-{config.steps:06d}"
-        started = None
-        if not (final / MANIFEST).is_file():  # finished stages are not even reloaded
-            started = clock.start(stage, f" ({config.steps} steps)")
-            final = run_config(config)
-        clock.finish(stage, started)
         for name in INSTALL.get(stage, []):
             target = root / name
             if target.is_dir():
@@ -96,6 +113,89 @@ def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] 
     (root / "eval.json").write_text(json.dumps(scores, indent=2))
     (root / "build.json").write_text(json.dumps({"seed": seed, "seconds": clock.seconds}, indent=2))
     return scores
+
+
+def _finished(config: TrainConfig) -> bool:
+    return (config.output_dir / f"step-{config.steps:06d}" / MANIFEST).is_file()
+
+
+def run_side_by_side(configs: list[TrainConfig], logs: Path) -> Iterator[str]:
+    """Train each config in a process of its own, all at once; yields each stage as it finishes. The last shows its
+    progress here at this process's threads; the others run at one thread, logging to ``logs/STAGE.log``. Waiting
+    threads sleep instead of spinning (OMP_WAIT_POLICY), else the processes' threads starve each other. A failed
+    stage's error is raised once the others have finished, so their work is kept."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = {}
+    with _environment(OMP_WAIT_POLICY="PASSIVE"):
+        for config in configs:
+            last = config is configs[-1]
+            args = (config, torch.get_num_threads() if last else 1, None if last else logs / f"{config.stage}.log",
+                    errors)
+            processes[config.stage] = context.Process(target=_train_in_process, name=config.stage, args=args)
+            processes[config.stage].start()
+    try:
+        waiting = dict(processes)
+        while waiting:
+            for stage, process in list(waiting.items()):
+                process.join(timeout=0.5)
+                if process.exitcode is not None:
+                    del waiting[stage]
+                    if process.exitcode == 0:
+                        yield stage
+    finally:
+        for process in processes.values():
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    reported = {}
+    while not errors.empty():
+        stage, err = errors.get()
+        reported[stage] = err
+    for stage, process in processes.items():
+        if process.exitcode != 0:
+            raise reported.get(stage, RuntimeError(f"{stage}: its process ended with exit code {process.exitcode}"))
+
+
+def _train_in_process(config: TrainConfig, threads: int, log_file: Path | None, errors: Any) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with contextlib.ExitStack() as stack:
+        if log_file is not None:
+            out = stack.enter_context(open(log_file, "a"))
+            stack.enter_context(contextlib.redirect_stderr(out))
+            stack.enter_context(contextlib.redirect_stdout(out))
+        try:
+            run_config(config)
+        except BaseException as err:  # the parent raises it, after the other stages finish
+            errors.put((config.stage, err if _picklable(err) else RuntimeError(f"{config.stage}: {err}")))
+            raise SystemExit(1) from None
+
+
+def _picklable(err: BaseException) -> bool:
+    try:
+        pickle.dumps(err)
+    except Exception:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (for child processes started inside), restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def evaluate_toyworld(checkpoint: Path | None, data: Path, profile: str = "toyworld",

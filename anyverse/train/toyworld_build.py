@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # (trained before it, the toy world's projections collapsed to one output; README has the numbers).
 BUILD_STAGES = ("lm-pretrain", "encoder-pretrain", "encoder-alignment", "instruction-tuning", "decoder-alignment")
 # Stages that need only the data run side by side, each in a process of its own: the tiny LM at one thread (it
-# trains the same to the bit at any count), the other at this process's threads (README, Build time).
+# trains the same to the bit at any count), the other at this process's threads (README, where the time went).
 SIDE_BY_SIDE = ("lm-pretrain", "encoder-pretrain")
 # what each stage's final checkpoint contributes to $ANYVERSE_HOME/toyworld
 INSTALL = {"lm-pretrain": ["llm"], "encoder-pretrain": ["encoder"], "instruction-tuning": [ADAPTER],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from anyverse.cli.app import app
@@ -12,7 +13,15 @@ from anyverse.checkpoint import MANIFEST
 from anyverse.config import anyverse_home
 from anyverse.train.config import load_train_config
 from anyverse.train.toyworld import make_toyworld
-from anyverse.train.toyworld_build import BUILD_STAGES, build_toyworld, run_side_by_side, stage_config_path
+from anyverse.train.toyworld_build import (
+    BUILD_STAGES,
+    REFERENCE_SECONDS,
+    SIDE_BY_SIDE,
+    BuildClock,
+    build_toyworld,
+    run_side_by_side,
+    stage_config_path,
+)
 
 
 @pytest.mark.slow
@@ -57,3 +66,18 @@ def test_side_by_side_stages_each_finish_and_a_failed_stages_error_comes_after_t
     assert finished == ["encoder-pretrain"]
     assert (tmp_path / "encoder" / "step-000002" / MANIFEST).is_file()  # the other stage's work is kept
     assert (tmp_path / "logs" / "lm-pretrain.log").is_file()
+
+
+def test_the_build_eta_counts_side_by_side_stages_once_and_scales_by_the_training_done() -> None:
+    lines: list[str] = []
+    clock = BuildClock(lines.append)
+    clock.finish("data", time.perf_counter() - 60)  # a slow data step (imports, file writes) does not scale it
+    clock.start("lm-pretrain")
+    after = [step for step in REFERENCE_SECONDS if step not in {"data", *SIDE_BY_SIDE}]
+    first = sum(REFERENCE_SECONDS[step] for step in after) + max(REFERENCE_SECONDS[step] for step in SIDE_BY_SIDE)
+    assert lines[-1].endswith(f"build ETA {first / 60:.1f} min"), lines
+    for stage in SIDE_BY_SIDE:  # this machine trains at half the reference speed
+        clock.finish(stage, time.perf_counter() - 2 * REFERENCE_SECONDS[stage])
+    clock.start("encoder-alignment")
+    assert lines[-1].startswith("toyworld [4/7] encoder-alignment")
+    assert lines[-1].endswith(f"build ETA {2 * sum(REFERENCE_SECONDS[step] for step in after) / 60:.1f} min"), lines

@@ -57,8 +57,9 @@ class BuildClock:
         self.seconds: dict[str, float] = {}
 
     def start(self, name: str, detail: str = "") -> float:
-        done = sum(REFERENCE_SECONDS[step] for step in self.seconds)
-        speed = sum(self.seconds.values()) / done if done else 1.0
+        trained = {step: seconds for step, seconds in self.seconds.items() if step != "data"}  # data: mostly imports
+        done = sum(REFERENCE_SECONDS[step] for step in trained)
+        speed = sum(trained.values()) / done if done else 1.0
         together = [REFERENCE_SECONDS[step] for step in self.left if step in SIDE_BY_SIDE]
         alone = [REFERENCE_SECONDS[step] for step in self.left if step not in SIDE_BY_SIDE]
         eta = speed * (sum(alone) + max(together, default=0))
@@ -76,7 +77,8 @@ class BuildClock:
 def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] | None = None,
                    eval_limit: int = 120, report: Callable[[str], None] = log.info) -> dict[str, float]:
     """Data, then every stage (``overrides`` per stage name), then the held-out scores (also in toyworld/eval.json,
-    with each step's seconds in toyworld/build.json). ``seed`` seeds the data and every stage's training."""
+    with each step's seconds in toyworld/build.json). ``seed`` seeds the data and every stage's training. The
+    pretraining stages run in spawned processes: a script that calls this needs ``if __name__ == "__main__":``."""
     from anyverse.train.toyworld import make_toyworld
 
     root = anyverse_home() / "toyworld"
@@ -91,8 +93,12 @@ def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] 
                for stage in BUILD_STAGES}
     together = [stage for stage in SIDE_BY_SIDE if not _finished(configs[stage])]
     if len(together) > 1:
-        starts = {stage: clock.start(stage, f" ({configs[stage].steps} steps, side by side)") for stage in together}
-        for stage in run_side_by_side([configs[stage] for stage in together], root / "runs"):
+        logs = root / "runs"
+        starts = {stage: clock.start(stage, f" ({configs[stage].steps} steps, side by side"
+                                            + ("" if stage == together[-1] else f"; progress in {logs / stage}.log")
+                                            + ")")
+                  for stage in together}
+        for stage in run_side_by_side([configs[stage] for stage in together], logs):
             clock.finish(stage, starts[stage])
     for stage, config in configs.items():
         if stage in clock.left:

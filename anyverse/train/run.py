@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,21 @@ def make_accelerator() -> Any:
     return accelerator
 
 
+def keep_freed_memory() -> None:
+    """glibc only: reuse freed memory instead of mapping fresh pages for each step's tensors (mmap threshold 32 MB,
+    trimming above 1 GB). A fresh process otherwise maps and zeroes them page by page until glibc's threshold has
+    grown: 200 toy encoder-alignment steps took 42-47 s in a fresh process, 30-32 s with this."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 2**30)
+
+
 def run_config(config: TrainConfig, resume: bool = True) -> Path:
     """Train one stage (resuming from the newest checkpoint in ``output_dir`` if any); returns the last checkpoint."""
+    keep_freed_memory()
     module, name = RECIPES[config.stage].split(":")
     recipe_class = getattr(importlib.import_module(module), name)
     accelerator = make_accelerator()

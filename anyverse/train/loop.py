@@ -127,6 +127,11 @@ def _load_trainable(recipe: Recipe, path: Path) -> None:
             params[name].copy_(value)
 
 
+def final_checkpoint(config: TrainConfig) -> Path:
+    """The checkpoint a run of ``config`` ends with; its manifest is there once the run has finished."""
+    return config.output_dir / f"step-{config.steps:06d}"
+
+
 def train(recipe: Recipe, config: TrainConfig, accelerator: Any, resume: bool = True) -> Path:
     """Run ``config.steps`` optimizer steps of ``recipe``; returns the final checkpoint directory."""
     out = config.output_dir
@@ -163,7 +168,7 @@ def train(recipe: Recipe, config: TrainConfig, accelerator: Any, resume: bool = 
     else:
         clipped = [p for p in recipe.parameters() if p.requires_grad] if isinstance(recipe, nn.Module) else []
     progress = _progress(config, start, main)
-    final = out / f"step-{config.steps:06d}"
+    final = final_checkpoint(config)
     for step in range(start, config.steps):
         tick = time.perf_counter()
         indices = batch_indices(step, config.batch_size * world, len(recipe.items), config.seed)

@@ -23,6 +23,7 @@ import torch
 from anyverse.checkpoint import ADAPTER, MANIFEST, PROJECTORS
 from anyverse.config import anyverse_home
 from anyverse.train.config import TrainConfig, load_train_config
+from anyverse.train.loop import final_checkpoint
 from anyverse.train.run import run_config
 from anyverse.types import OUTPUT_MODALITIES
 
@@ -107,7 +108,7 @@ def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] 
                 started = clock.start(stage, f" ({config.steps} steps)")
                 run_config(config)
             clock.finish(stage, started)
-        final = config.output_dir / f"step-{config.steps:06d}"
+        final = final_checkpoint(config)
         for name in INSTALL.get(stage, []):
             target = root / name
             if target.is_dir():
@@ -122,7 +123,7 @@ def build_toyworld(n: int = 200, seed: int = 0, overrides: dict[str, list[str]] 
 
 
 def _finished(config: TrainConfig) -> bool:
-    return (config.output_dir / f"step-{config.steps:06d}" / MANIFEST).is_file()
+    return (final_checkpoint(config) / MANIFEST).is_file()
 
 
 def run_side_by_side(configs: list[TrainConfig], logs: Path) -> Iterator[str]:

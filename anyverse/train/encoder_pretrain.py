@@ -84,10 +84,12 @@ class EncoderPretrain(nn.Module):
         for i, item in enumerate(items):
             groups[item.record.modality].append(i)
         for modality, indices in groups.items():  # image and video share the vision tower, not input shapes
-            batch = torch.stack([items[i].inputs for i in indices]).to(self.encoder.device, torch.float32)
+            inputs = [items[i].inputs for i in indices]
             clips = self.config.train_clips
-            if self.training and clips and batch.ndim >= 5 and batch.shape[1] > clips:  # the forward's cost is per clip
-                batch = batch[:, torch.randperm(batch.shape[1])[:clips]]
+            if self.training and clips and inputs[0].ndim >= 4 and len(inputs[0]) > clips:  # cost is per clip
+                chosen = torch.randperm(len(inputs[0]))[:clips]  # chosen before the batch is stacked and made float
+                inputs = [x[chosen] for x in inputs]
+            batch = torch.stack(inputs).to(self.encoder.device, torch.float32)
             out[indices] = self.encoder.forward_tokens(TOWER[modality], batch)[0]
         return F.normalize(out, dim=-1)
 

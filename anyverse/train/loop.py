@@ -137,7 +137,7 @@ def train(recipe: Recipe, config: TrainConfig, accelerator: Any, resume: bool = 
     out = config.output_dir
     main = accelerator.is_main_process
     kind = _sharding(accelerator)
-    optimizer = torch.optim.AdamW(recipe.param_groups(), weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(recipe.param_groups(), weight_decay=config.optim.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     torch.manual_seed(config.seed)
     start = 0

@@ -517,6 +517,28 @@ def test_instruction_tuning_learns_every_assistant_turn_given_the_turns_before_i
             assert "here is a green square" in prompt and "a green square at the bottom right" not in prompt
 
 
+def test_instruction_tuning_repeats_every_turn_of_a_conversation_but_not_single_exchanges(world: Path,
+                                                                                          tmp_path: Path) -> None:
+    from anyverse.train.config import load_train_config
+    from anyverse.train.instruction_tuning import InstructionTuning
+
+    single = {"messages": [{"role": "user", "text": "paint a red circle"},
+                           {"role": "assistant", "text": "here is a red circle",
+                            "requests": [{"modality": "image", "prompt": "a red circle at the top left"}]}]}
+    talk = {"messages": [{"role": "user", "text": "paint a green square"},
+                         {"role": "assistant", "text": "here is a green square"},
+                         {"role": "user", "text": "and a blue one"}, {"role": "assistant", "text": "a blue square"}]}
+    manifest = world / "conversation-repeats.jsonl"
+    manifest.write_text(f"{json.dumps(single)}\n{json.dumps(talk)}\n")
+    config = write_config(tmp_path / "it.yaml", "instruction-tuning", manifest, tmp_path / "out",
+                          conversation_repeats=3, output_modes=["meta"])
+    recipe = InstructionTuning(load_train_config(config), torch.device("cpu"))
+    replies = [recipe.model.llm.tokenizer.decode(e.ids[reply_start(e.labels):]) for e in recipe.items]
+    assert len(replies) == 1 + 2 * 3
+    assert sum("red circle" in r for r in replies) == 1
+    assert sum("here is a green square" in r for r in replies) == sum("a blue square" in r for r in replies) == 3
+
+
 def test_eval_limits_sample_every_group_of_a_grouped_manifest_evenly() -> None:
     from collections import Counter
 
@@ -590,6 +612,26 @@ def test_encoder_pretraining_sees_grey_images_without_their_colour_and_random_cl
     assert not [t for t in texts if " at the " in t and any(colour in t.split() for colour in colours)]  # images
     assert [t for t in texts if " moving " in t and any(colour in t.split() for colour in colours)]  # videos
     assert {"circle", "square", "triangle", "tone", "chirp"} & set(" ".join(texts).split())
+
+
+def test_encoder_pretraining_can_keep_the_text_towers_word_table_at_its_init_and_train_the_rest(
+        world: Path, tmp_path: Path) -> None:
+    from anyverse.train.config import load_train_config
+    from anyverse.train.encoder_pretrain import EncoderPretrain
+
+    manifest = subset(world, "pairs-train.jsonl", "frozen-words.jsonl", {"image": 2, "audio": 2})
+    out = tmp_path / "pretrain"
+    config = write_config(tmp_path / "pretrain.yaml", "encoder-pretrain", manifest, out, steps=2, batch_size=4,
+                          model_overrides=["encoder.path=null", "encoder.tiny={seed: 0}"], train_clips=1,
+                          train_token_embeddings=False)
+    initial = EncoderPretrain(load_train_config(config), torch.device("cpu")).network.state_dict()
+    train("encoder-pretrain", config)
+    trained = load_file(next(out.glob("step-*")) / "encoder" / "model.safetensors")
+    table = "modality_preprocessors.text.token_embedding.weight"
+    assert torch.equal(trained[table], initial[table])
+    changed = [name for name, value in initial.items() if name in trained and not torch.equal(trained[name], value)]
+    assert any(name.startswith("modality_trunks.text.") for name in changed)
+    assert any(name.startswith("modality_trunks.vision.") for name in changed)
 
 
 WORD_PROJECTORS = ["default_input_projector.words=true", "input_projectors.image.words=true"]

@@ -63,6 +63,8 @@ class TrainConfig(Strict):
                                               "(instruction tuning: [] keeps the input projectors frozen)")
     output_modes: list[Literal["meta", "signal"]] = Field(
         default=["meta", "signal"], description="instruction tuning: render dialogs in these modes")
+    conversation_repeats: int = Field(default=1, gt=0, description="instruction tuning: each turn of a multi-turn "
+                                      "dialog is seen this many times an epoch (conversations are few)")
     train_lora: bool = Field(default=True, description="instruction tuning: LoRA on the LLM")
     log_every: int = Field(default=10, gt=0)
     eval_every: int = Field(default=0, ge=0, description="0: only at the end")
@@ -76,6 +78,9 @@ class TrainConfig(Strict):
     grey: float = Field(default=0.0, ge=0, le=1, description="chance an item with a colour attribute is shown in "
                         "grey and its colour word is not trained: images in encoder-pretrain (captioned without it), "
                         "images and videos in encoder-alignment (the encoder's grey view alone)")
+    train_token_embeddings: bool = Field(default=True, description="encoder-pretrain: train the text tower's "
+                                         "token embedding table (most of a tiny tower's weights; a small "
+                                         "vocabulary uses few of its rows); false keeps it at its random init")
     train_clips: int | None = Field(default=None, gt=0, description="encoder-pretrain: clips of each audio/video "
                                     "item seen per step, drawn at random (eval averages all); None: all")
 

@@ -30,6 +30,7 @@ from anyverse.types import Modality
 log = logging.getLogger(__name__)
 
 ENCODER_DIR = "encoder"
+TOKEN_EMBEDDING = "modality_preprocessors.text.token_embedding"  # the text tower's word table
 
 
 @dataclass
@@ -67,6 +68,7 @@ class EncoderPretrain(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_cfg.encoder.tiny.seed)
             self.network = self.arch.build().to(device)
+        self.network.get_submodule(TOKEN_EMBEDDING).requires_grad_(config.train_token_embeddings)
         self.encoder = ImageBindEncoder(self.network, self.arch, "pretraining")
         self.model_config = model_cfg
         self.base: dict[str, Any] = {}

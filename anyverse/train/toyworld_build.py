@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import pickle
 import shutil
 import time
@@ -32,8 +31,8 @@ log = logging.getLogger(__name__)
 # Decoder alignment runs last, on the instruction-tuned LLM: LoRA moves the signal states the output projectors read
 # (trained before it, the toy world's projections collapsed to one output; README has the numbers).
 BUILD_STAGES = ("lm-pretrain", "encoder-pretrain", "encoder-alignment", "instruction-tuning", "decoder-alignment")
-# Stages that need only the data run side by side, each in a process of its own: the tiny LM at one thread (it
-# trains the same to the bit at any count), the other at this process's threads (README, where the time went).
+# Stages that need only the data run side by side, each in a process of its own at one thread: a thread does more
+# work per second than two sharing cores, and the result does not depend on the machine (README, where the time went).
 SIDE_BY_SIDE = ("lm-pretrain", "encoder-pretrain")
 # what each stage's final checkpoint contributes to $ANYVERSE_HOME/toyworld
 INSTALL = {"lm-pretrain": ["llm"], "encoder-pretrain": ["encoder"], "instruction-tuning": [ADAPTER],
@@ -127,23 +126,20 @@ def _finished(config: TrainConfig) -> bool:
 
 
 def run_side_by_side(configs: list[TrainConfig], logs: Path) -> Iterator[str]:
-    """Train each config in a process of its own, all at once; yields each stage as it finishes. The last shows its
-    progress here at this process's threads; the others run at one thread, logging to ``logs/STAGE.log``. Waiting
-    threads sleep instead of spinning (OMP_WAIT_POLICY), else the processes' threads starve each other. A failed
-    stage's error is raised once the others have finished, so their work is kept."""
+    """Train each config in a process of its own at one thread, all at once; yields each stage as it finishes. The
+    last shows its progress here; the others log to ``logs/STAGE.log``. A failed stage's error is raised once the
+    others have finished, so their work is kept."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     errors = context.SimpleQueue()
     logs.mkdir(parents=True, exist_ok=True)
     processes = {}
-    with _environment(OMP_WAIT_POLICY="PASSIVE"):
-        for config in configs:
-            last = config is configs[-1]
-            args = (config, torch.get_num_threads() if last else 1, None if last else logs / f"{config.stage}.log",
-                    errors)
-            processes[config.stage] = context.Process(target=_train_in_process, name=config.stage, args=args)
-            processes[config.stage].start()
+    for config in configs:
+        log_file = None if config is configs[-1] else logs / f"{config.stage}.log"
+        processes[config.stage] = context.Process(target=_train_in_process, name=config.stage,
+                                                  args=(config, log_file, errors))
+        processes[config.stage].start()
     try:
         waiting = dict(processes)
         while waiting:
@@ -167,8 +163,8 @@ def run_side_by_side(configs: list[TrainConfig], logs: Path) -> Iterator[str]:
             raise reported.get(stage, RuntimeError(f"{stage}: its process ended with exit code {process.exitcode}"))
 
 
-def _train_in_process(config: TrainConfig, threads: int, log_file: Path | None, errors: Any) -> None:
-    torch.set_num_threads(threads)
+def _train_in_process(config: TrainConfig, log_file: Path | None, errors: Any) -> None:
+    torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with contextlib.ExitStack() as stack:
         if log_file is not None:
@@ -188,21 +184,6 @@ def _picklable(err: BaseException) -> bool:
     except Exception:
         return False
     return True
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` set (for child processes started inside), restored after."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def evaluate_toyworld(checkpoint: Path | None, data: Path, profile: str = "toyworld",

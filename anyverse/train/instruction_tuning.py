@@ -94,7 +94,7 @@ class InstructionTuning(nn.Module):
             self.model.input_projectors[modality.value].requires_grad_(True)
         for modality in out_modalities & {Modality(m) for m in self.model.output_projectors}:
             self.model.output_projectors[modality.value].requires_grad_(True)
-        examples = [(self._example(d, mode), len(d.record.messages) > 2) for d in self.dialogs
+        examples = [(self._example(d, mode), d.record.is_conversation) for d in self.dialogs
                     for mode in config.output_modes]
         self.items = [e for e, talk in examples for _ in range(config.conversation_repeats if talk else 1)]
         wanted = {(m, p) for e in self.items for m, _, p in e.signals if m.value in self.model.output_projectors}

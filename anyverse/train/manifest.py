@@ -86,6 +86,11 @@ class DialogRecord(Record):
             raise ValueError("no assistant turn after the first turn: nothing to learn")
         return self
 
+    @property
+    def is_conversation(self) -> bool:
+        """More than one exchange (a single one is a user turn and its reply)."""
+        return len(self.messages) > 2
+
 
 R = TypeVar("R", PairRecord, DialogRecord, CaptionRecord)
 

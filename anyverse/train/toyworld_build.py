@@ -206,6 +206,6 @@ def evaluate_toyworld(checkpoint: Path | None, data: Path, profile: str = "toywo
     # a quarter of the dialogs are conversations, not their share of the manifest (1 in 9), so that each turn
     # position past the second, which only some conversations reach, is scored on more than a handful
     share = max(1, limit // 4)
-    talks, _ = load_dialogs(model, data / "dialogs-test.jsonl", share, lambda d: len(d.messages) > 2)
-    single, _ = load_dialogs(model, data / "dialogs-test.jsonl", max(1, limit - share), lambda d: len(d.messages) == 2)
+    talks, _ = load_dialogs(model, data / "dialogs-test.jsonl", share, lambda d: d.is_conversation)
+    single, _ = load_dialogs(model, data / "dialogs-test.jsonl", max(1, limit - share), lambda d: not d.is_conversation)
     return scores | routing_accuracy(model, single + talks, ["meta", "signal"])

@@ -460,6 +460,18 @@ def test_lm_pretraining_copy_drills_are_random_caption_words_copied_from_the_med
     assert len(replies) == len(drills)  # random word strings, not the captions again
 
 
+def test_lm_pretraining_tokenises_an_item_when_a_batch_first_draws_it_and_keeps_it(
+        world: Path, tmp_path: Path) -> None:
+    recipe, captions = lm_pretrain_on_a_few_pairs(world, tmp_path, copy_drills=5)
+    items = recipe.items
+    assert len(items) == len(captions) * 11 and not items.made
+    batch = recipe.collate([items[i] for i in (4, 20, 4)])
+    assert sorted(items.made) == [4, 20] and items[4] is items[-len(items) + 4]
+    assert batch[0].shape[0] == 3 and torch.equal(batch[0][0], batch[0][2])
+    with pytest.raises(IndexError):
+        items[len(items)]
+
+
 def test_decoder_retrieval_reports_captions_seen_in_training_and_unseen_ones(world: Path, tmp_path: Path) -> None:
     from anyverse.train.config import load_train_config
     from anyverse.train.decoder_alignment import DecoderAlignment, decoder_retrieval, distinct_pairs

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,29 @@ def render_example(model: AnyverseModel, history: list[Message], target: str, mo
         for (modality, start), request in zip(runs, requests or [], strict=False):
             signals.append((modality, len(context.ids) + start, request.prompt))
     return Example(ids=ids, labels=labels, slots=context.slots, signals=signals)
+
+
+class MadeOnUse(Sequence[T]):
+    """A stage's items, each made (tokenised) by its function the first time a batch draws it and kept: a short
+    run draws a fraction of a large corpus, and the rest is never made."""
+
+    def __init__(self, makers: list[Callable[[], T]]):
+        self.makers, self.made = makers, dict[int, T]()
+
+    def __len__(self) -> int:
+        return len(self.makers)
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        index = range(len(self))[index]
+        if index not in self.made:
+            self.made[index] = self.makers[index]()
+        return self.made[index]
 
 
 def pad_right(rows: list[tuple[list[int], list[int]]], pad: int,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from anyverse.config import LLMConfig, TinySpec, load_config
 from anyverse.llm import build_tiny_llm, load_llm
 from anyverse.model import system_prompt
 from anyverse.signals import MEDIA_END, MEDIA_START, SignalVocabulary
-from anyverse.train.common import IGNORE, next_token_loss, pad_right
+from anyverse.train.common import IGNORE, MadeOnUse, next_token_loss, pad_right
 from anyverse.train.config import TrainConfig
 from anyverse.train.encoder_alignment import CAPTION_INSTRUCTIONS
 from anyverse.train.manifest import CaptionRecord, SkipReport, read_manifest
@@ -79,11 +80,12 @@ class LMPretrain(nn.Module):
         texts = [f"{tokenizer.bos_token}{line}{tokenizer.eos_token}" for line in lines if line.strip()]
         # every pair under every caption instruction and both system prompts: reading the media block is the skill
         # the later stages need, and one chat per pair among the plain lines left it unlearnt (17% of items)
-        self.items = [self._text(t) for t in texts] + [self._chat(p, i, system) for p in pairs for system in prompts
-                                                        for i in range(len(CAPTION_INSTRUCTIONS))]
+        chats = [partial(self._chat, p, i, system) for p in pairs for system in prompts
+                 for i in range(len(CAPTION_INSTRUCTIONS))]
         # drills without a system prompt: a tenth of the length, and the copying carries over to chats with one
         drills = copy_drills(pairs, config.copy_drills, config.seed)
-        self.items += [self._chat(drill, i, system=None) for i, drill in enumerate(drills)]
+        self.items = MadeOnUse([*(partial(self._text, t) for t in texts), *chats,
+                                *(partial(self._chat, drill, i, None) for i, drill in enumerate(drills))])
         self.eval_items: list[tuple[list[int], list[int]]] = []
         if config.data.eval:
             held_out = list(read_manifest(config.data.eval, CaptionRecord))[: config.data.max_eval_items]

@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +42,7 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 class Recipe(Protocol):
     """A training stage. It is the module accelerate wraps: ``forward(batch)`` returns (loss, metrics)."""
 
-    items: list[Any]
+    items: Sequence[Any]
     model_config: AnyverseConfig
     base: dict[str, Any]
 

@@ -95,6 +95,21 @@ def test_clips_that_are_all_the_same_run_once_and_give_what_all_of_them_give(enc
     torch.testing.assert_close(once, alone)
 
 
+def test_media_whose_clips_are_all_the_same_are_prepared_once_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 256, (1, 2, 224, 300, 3), dtype=np.uint8), pp.VIDEO_CLIPS, axis=0)
+    sound = np.repeat(rng.standard_normal((1, 16000)).astype(np.float32), pp.AUDIO_CLIPS, axis=0)
+    expected = pp._video_tensor(frames), pp._audio_tensor(sound, pp.NUM_MEL_BINS, pp.AUDIO_FRAMES)
+    calls: list[int] = []
+    for name in ("_video_tensor", "_audio_tensor"):
+        original = getattr(pp, name)
+        monkeypatch.setattr(pp, name, lambda clips, *a, f=original: calls.append(len(clips)) or f(clips, *a))
+    assert torch.equal(pp.video_tensor(frames), expected[0]) and torch.equal(pp.audio_tensor(sound), expected[1])
+    assert calls == [1, 1]
+    frames[1] = 0  # clips that differ are each prepared
+    assert torch.equal(pp.video_tensor(frames), pp._video_tensor(frames)) and calls[-1] == pp.VIDEO_CLIPS
+
+
 def test_text_encodes(encoder: ib.ImageBindEncoder) -> None:
     out = encoder.encode_text(["a dog barking", "rain on a roof"])
     assert out.pooled.shape == (2, encoder.embed_dim)

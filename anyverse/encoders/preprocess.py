@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ def _resize_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
 def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Per-channel normalisation of a channels-first tensor ``[C, ...]``."""
     shape = (len(mean),) + (1,) * (x.ndim - 1)
+    x = x.contiguous()  # a permuted view costs several times as much per element
     return (x - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
 
 
@@ -142,8 +144,20 @@ def kaldi_fbank(
     return energies.clamp(min=LOG_FLOOR).log()
 
 
+def _each_clip(clips: np.ndarray, prepare: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+    """``prepare(clips)``, made once and repeated where every clip is the same (media no longer than a clip)."""
+    if len(clips) > 1 and bool((clips == clips[:1]).all()):
+        once = prepare(clips[:1])
+        return once.repeat(len(clips), *[1] * (once.ndim - 1))
+    return prepare(clips)
+
+
 def audio_tensor(clips: np.ndarray, num_mel_bins: int = NUM_MEL_BINS, frames: int = AUDIO_FRAMES) -> torch.Tensor:
     """Mono 16 kHz clips ``[clips, samples]`` -> normalised log-mel ``[clips, 1, num_mel_bins, frames]``."""
+    return _each_clip(clips, lambda each: _audio_tensor(each, num_mel_bins, frames))
+
+
+def _audio_tensor(clips: np.ndarray, num_mel_bins: int, frames: int) -> torch.Tensor:
     waveform = torch.from_numpy(np.asarray(clips, dtype=np.float32))
     waveform = waveform - waveform.mean(dim=-1, keepdim=True)
     fbank = kaldi_fbank(waveform, SAMPLE_RATE, num_mel_bins).transpose(-1, -2)
@@ -175,6 +189,10 @@ def _uniform_crop(video: torch.Tensor, index: int, size: int = IMAGE_SIZE) -> to
 def video_tensor(clips: np.ndarray) -> torch.Tensor:
     """uint8 ``[clips, frames, H, W, 3]`` -> ``[clips * 3, 3, frames, 224, 224]``: each clip's three spatial crops
     become extra clips, which the model averages, as ImageBind's ``SpatialCrop(224, num_crops=3)``."""
+    return _each_clip(clips, _video_tensor)
+
+
+def _video_tensor(clips: np.ndarray) -> torch.Tensor:
     video = torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3).float() / 255.0  # [S, C, T, H, W]
     num_clips, channels, num_frames = video.shape[:3]
     scaled = _short_side_scale(video.flatten(0, 2).unsqueeze(1)).squeeze(1)

@@ -666,6 +666,7 @@ def test_encoder_alignment_trains_each_soft_token_to_be_the_captions_word_in_its
     assert words[-1] < 0.05 < words[0], words
     assert not any("lm" in row for row in rows)  # a caption loss of weight 0 runs no LLM
     recipe = EncoderAlignment(load_train_config(config, [f"model={out / 'step-000030'}"]), torch.device("cpu"))
+    assert recipe.prefix is None  # nor is the system prompt's cache computed for it
     tokenizer = recipe.model.llm.tokenizer
     for path, record in recipe.pairs:
         media = recipe.features.media[path]

@@ -80,7 +80,7 @@ class EncoderAlignment(nn.Module):
         examples = [self._example(self.features.media[path], record, i) for i, (path, record) in enumerate(self.pairs)]
         greys = self._grey_twins() if config.grey else {}
         self.items = [(example, greys.get(i)) for i, example in enumerate(examples)]
-        self.prefix = FrozenPrefix(self.model, examples)
+        self.prefix = FrozenPrefix(self.model, examples) if config.loss.lm else None  # only the caption loss reads it
         if config.loss.words:
             self._check_word_projectors()
 
@@ -111,6 +111,7 @@ class EncoderAlignment(nn.Module):
         weights, values = self.config.loss, {}
         loss = torch.zeros((), device=self.model.llm.model.get_input_embeddings().weight.device)
         if weights.lm:
+            assert self.prefix is not None
             embeds, mask, labels = embed_batch(self.model, batch, self.features, skip=self.prefix.length)
             lm = next_token_loss(self.prefix(self.model, embeds, mask).logits, labels)
             loss, values["lm"] = loss + weights.lm * lm, lm.item()

@@ -95,6 +95,21 @@ def test_clips_that_are_all_the_same_run_once_and_give_what_all_of_them_give(enc
     torch.testing.assert_close(once, alone)
 
 
+def test_a_one_frame_patch_reads_an_image_once_on_the_first_frames_positions() -> None:
+    arch = ib.ImageBindArch.tiny(kernel_size=(1, 28, 28))
+    encoder = ib.ImageBindEncoder(arch.build().eval(), arch, "one-frame")
+    assert encoder.patch_grid(Modality.IMAGE) == (1, 8, 8) and encoder.patch_grid(Modality.VIDEO) == (2, 8, 8)
+    image = torch.randn(2, 3, pp.IMAGE_SIZE, pp.IMAGE_SIZE)
+    vision = encoder.model.modality_preprocessors["vision"]
+    tokens = vision(vision=image)["trunk"]["tokens"]
+    still = vision(vision=image[:, :, None].expand(-1, -1, 2, -1, -1))["trunk"]["tokens"]  # a clip of it, unmoving
+    assert tokens.shape[1] == 1 + 8 * 8 and still.shape[1] == 1 + 2 * 8 * 8
+    torch.testing.assert_close(tokens, still[:, : tokens.shape[1]])  # its CLS and first frame
+    assert encoder.forward_tokens("vision", image)[1].shape[1] == tokens.shape[1]
+    two_deep = ib.ImageBindArch.tiny().build()  # ImageBind's 2-frame patch sees an image as a clip of it, as trained
+    assert two_deep.modality_preprocessors["vision"].rgbt_stem.proj[0].ntimes == 2
+
+
 def test_media_whose_clips_are_all_the_same_are_prepared_once_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     frames = np.repeat(rng.integers(0, 256, (1, 2, 224, 300, 3), dtype=np.uint8), pp.VIDEO_CLIPS, axis=0)

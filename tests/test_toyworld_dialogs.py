@@ -53,6 +53,22 @@ def test_conversations_run_two_to_four_exchanges_about_media_made_earlier(world:
     assert lengths == {2, 3, 4}
 
 
+def test_training_conversations_may_ask_for_a_new_sound_by_name_after_the_edit(world: Path) -> None:
+    verbs = tuple(phrase.replace("{p}", "a ") for phrase in toyworld.TEMPLATES["make_audio"][0])
+    for side in ("train", "test"):
+        later = [(d.messages[i], d.messages[i + 1]) for d in conversations(world, side)
+                 for i in range(4, len(d.messages), 2)]
+        named = [(ask, reply) for ask, reply in later if ask.text.startswith(verbs)]
+        if side == "test":
+            assert not named  # the test conversations are as they were
+            continue
+        assert named
+        for ask, reply in named:
+            (request,) = reply.requests
+            assert request.modality == Modality.AUDIO and request.source is None
+            assert ask.text.endswith(request.prompt) and reply.text == f"here is {request.prompt}"
+
+
 def test_media_made_in_a_conversation_show_what_their_request_asked_for(world: Path) -> None:
     for dialog in conversations(world, "train")[:6]:
         for turn in dialog.messages:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/omnivore/imagebind/imagebind_huge.pth"
-PREPROCESS_VERSION = "1"  # bump when preprocessing changes, so cached embeddings are not reused
+PREPROCESS_VERSION = "2"  # bump when preprocessing changes, so cached embeddings are not reused
 ENCODER_MODALITIES = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, Modality.DEPTH, Modality.THERMAL, Modality.TEXT)
 _Pair = tuple[torch.Tensor, torch.Tensor]  # (pooled, tokens) of one item
 _MEDIA_MODALITIES = tuple(m for m in ENCODER_MODALITIES if m is not Modality.TEXT)
@@ -161,7 +161,11 @@ class ImageBindArch(BaseModel):
         return cls.model_validate({"out_embed_dim": 32, **dims, **blocks, **heads, **overrides})
 
     def build(self) -> nn.Module:
-        return _imagebind().ImageBindModel(**self.model_dump())
+        """ImageBindModel, with an image repeated into as many frames as the vision patch is deep (ImageBind's
+        stem always makes two): a 1-frame patch then reads an image once, on the first frame's positions."""
+        model = _imagebind().ImageBindModel(**self.model_dump())
+        model.modality_preprocessors.vision.rgbt_stem.proj[0].ntimes = self.kernel_size[0]
+        return model
 
 
 def write_encoder(directory: Path, arch: ImageBindArch, state: Mapping[str, torch.Tensor]) -> None:
@@ -356,16 +360,16 @@ class ImageBindEncoder:
 
     def patch_grid(self, modality: Modality) -> tuple[int, int, int]:
         """``(frames, rows, cols)`` of the patch tokens after the CLS, read from the modality's patch stem: one frame
-        of 16x16 for 224 px images with 2x14x14 patches (two frames with a 1-frame kernel), 12 frequency x 19 time
-        rows for audio's 128x204 log-mel."""
+        of 16x16 for 224 px images with 2x14x14 patches (a video clip's two with a 1-frame kernel), 12 frequency x
+        19 time rows for audio's 128x204 log-mel."""
         m: Any = self.model
         pre = m.modality_preprocessors[TOWER[modality]]
         stem = pre.rgbt_stem or pre.depth_stem
         conv = next(c for c in stem.modules() if isinstance(c, nn.Conv2d | nn.Conv3d))
         size = [self.arch.audio_num_mel_bins, self.arch.audio_target_len] if modality is Modality.AUDIO else [
             pp.IMAGE_SIZE, pp.IMAGE_SIZE]
-        if isinstance(conv, nn.Conv3d):  # vision: a clip's frames are a third axis
-            size = [self.arch.video_frames, *size]
+        if isinstance(conv, nn.Conv3d):  # vision: a clip's frames are a third axis, an image's repeated by the stem
+            size = [self.arch.video_frames if modality is Modality.VIDEO else stem.proj[0].ntimes, *size]
         grid = [(n - k) // s + 1 for n, k, s in zip(size, conv.kernel_size, conv.stride, strict=True)]
         frames, rows, cols = [1] * (3 - len(grid)) + grid
         return frames, rows, cols

@@ -351,8 +351,8 @@ class _Conversation:
     def test(self) -> bool:
         return self.image.attributes["split"] != "train"
 
-    def ask(self, intent: str, **fields: str) -> None:
-        self.turns.append(TurnRecord(role="user", text=_ask(intent, self.image, self.rng, **fields)))
+    def ask(self, intent: str, rng: np.random.Generator | None = None, **fields: str) -> None:
+        self.turns.append(TurnRecord(role="user", text=_ask(intent, self.image, rng or self.rng, **fields)))
 
     def attach(self, text: str) -> str:
         self.ids["img"] += 1
@@ -364,13 +364,14 @@ class _Conversation:
     def say(self, text: str) -> None:
         self.turns.append(TurnRecord(role="assistant", text=text))
 
-    def make(self, text: str, modality: Modality, attributes: dict[str, str], source: str | None = None) -> str:
+    def make(self, text: str, modality: Modality, attributes: dict[str, str], source: str | None = None,
+             rng: np.random.Generator | None = None) -> str:
         """An assistant turn that requests an item; the toy world renders what it makes. Returns the item's id."""
         label = modality.label
         self.ids[label] += 1
         media_id = f"{label}_{self.ids[label]}"
         out_dir = self.directory / "media" / f"made-{modality.value}"
-        data = render(modality, attributes, self.rng)
+        data = render(modality, attributes, rng or self.rng)
         media = save_image(data, out_dir) if modality == IMAGE else save_audio(data, SAMPLE_RATE, out_dir)
         name = f"{self.index:06d}-{len(self.turns):02d}{media.path.suffix}"
         os.replace(media.path, out_dir / name)
@@ -380,9 +381,13 @@ class _Conversation:
         return media_id
 
 
-def _conversation(directory: Path, image: Item, index: int, rng: np.random.Generator) -> DialogRecord:
+def _conversation(directory: Path, image: Item, index: int, rng: np.random.Generator,
+                  fresh: np.random.Generator) -> DialogRecord:
     """2-4 exchanges on one image: attach it and ask, or have it drawn; recolour it; then maybe ask what the new
-    image shows (the model captions media it made) and turn it into a sound, in either order."""
+    image shows (the model captions media it made) and turn it into a sound, in either order. A training
+    conversation may also ask for a new sound by name among the later turns, so the sound verbs are seen after a
+    caption and an edit, not only as a first turn; it draws from ``fresh``, and the test conversations stay as
+    they were."""
     talk = _Conversation(directory, image, index, rng)
     attributes = image.attributes
     plain = {k: v for k, v in attributes.items() if k != "split"}
@@ -399,8 +404,15 @@ def _conversation(directory: Path, image: Item, index: int, rng: np.random.Gener
     made = talk.make(f"here is {caption(IMAGE, edited)}", IMAGE, edited, source=shown)
     sound = image_to_sound(edited)
     later = ["describe"] + (["sound"] if talk.test or not is_held_out(AUDIO, sound) else [])
-    for step in [later[i] for i in rng.permutation(len(later))][: int(rng.integers(0, 3))]:
-        if step == "describe":
+    steps = [later[i] for i in rng.permutation(len(later))][: int(rng.integers(0, 3))]
+    if not talk.test and len(steps) < 2 and fresh.random() < 0.5:
+        steps.insert(int(fresh.integers(0, len(steps) + 1)), "new sound")
+    for step in steps:
+        if step == "new sound":
+            named = {k: v for k, v in _sample(AUDIO, 1, fresh, pretrain=True)[0].items() if k != "split"}  # seen
+            talk.ask("make_audio", fresh, p=caption(AUDIO, named))
+            talk.make(f"here is {caption(AUDIO, named)}", AUDIO, named, rng=fresh)
+        elif step == "describe":
             talk.turns.append(TurnRecord(role="user", text=str(rng.choice(_DESCRIBE[IMAGE])).format(id=made)))
             talk.say(caption(IMAGE, edited))
         else:
@@ -446,7 +458,8 @@ def make_toyworld(directory: Path, n: int = 200, seed: int = 0) -> ToyWorldSumma
     log.info("wrote %d media files to %s", 3 * n + len(extra), directory / "media")
     dialogs = _dialogs(items, np.random.default_rng([seed, len(VOCABULARY)]))
     talk_rng = np.random.default_rng([seed, 2 * len(VOCABULARY) + 1])  # after the pretraining media's streams
-    dialogs += [_conversation(directory, image, j, talk_rng) for j, image in enumerate(items[IMAGE])]
+    fresh_rng = np.random.default_rng([seed, 2 * len(VOCABULARY) + 2])
+    dialogs += [_conversation(directory, image, j, talk_rng, fresh_rng) for j, image in enumerate(items[IMAGE])]
     counts: dict[str, dict[str, dict[str, int]]] = {"pairs": {}, "dialogs": {}}
     text: list[str] = []
     for side in ("train", "test"):

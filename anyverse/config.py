@@ -71,8 +71,18 @@ class Component(Strict):
 class EncoderConfig(Component):
     kind: Literal["imagebind"] = "imagebind"
     batch_size: int = Field(default=8, gt=0)
-    grey_view: bool = Field(default=False, description="images and videos are encoded twice, as they are and in "
+    grey_view: bool = Field(default=False, description="images and videos are encoded twice, in colour and in "
                             "contrast-stretched grey (shape without colour); pooled and tokens hold both views")
+    image_colour_view: Literal["as_is", "flat"] = Field(default="as_is", description="grey_view: an image's colour "
+                                                        "view is the image as it is, or filled with the colour of "
+                                                        "what stands out in it (colour without shape)")
+
+    @model_validator(mode="after")
+    def _flat_colour_beside_grey(self) -> EncoderConfig:
+        if self.image_colour_view != "as_is" and not self.grey_view:
+            raise ValueError(f"image_colour_view: {self.image_colour_view} leaves shape to the grey view "
+                             "(set grey_view: true)")
+        return self
 
 
 class InputProjectorConfig(Strict):

@@ -67,7 +67,7 @@ class GridProjector(nn.Module):
     With ``views=2`` (the encoder's ``grey_view``) a second readout of the same kind reads the grey view and adds
     to the first. It starts at zero and learns only from items whose colour view is all zeros (grey twins in
     training); elsewhere it is held fixed, so it reads shape and where, never colour, and the colour view's
-    readout learns the rest.
+    readout learns the rest (with the encoder's flat ``image_colour_view``, an image's colour alone).
     """
 
     def __init__(self, embed_dim: int, token_dim: int, llm_dim: int, cfg: InputProjectorConfig,

@@ -110,6 +110,51 @@ def test_a_one_frame_patch_reads_an_image_once_on_the_first_frames_positions() -
     assert two_deep.modality_preprocessors["vision"].rgbt_stem.proj[0].ntimes == 2
 
 
+def _shape(kind: str, colour: tuple[int, int, int], box: tuple[int, int, int, int]) -> torch.Tensor:
+    """A toy-world-like picture: one shape on a dark ground, preprocessed."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), (18, 18, 24))
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = box
+    if kind == "triangle":
+        draw.polygon([((left + right) // 2, top), (right, bottom), (left, bottom)], fill=colour)
+    else:
+        draw.rectangle(box, fill=colour)
+    return pp.image_tensor(image)
+
+
+def test_a_flat_colour_view_shows_what_stands_out_in_its_colour_whatever_its_shape_and_place() -> None:
+    red_triangle = pp.flat_colour(_shape("triangle", (220, 40, 40), (4, 4, 28, 28)))
+    red_square = pp.flat_colour(_shape("square", (220, 40, 40), (36, 36, 60, 60)))
+    green_triangle = pp.flat_colour(_shape("triangle", (40, 200, 60), (4, 4, 28, 28)))
+    assert (red_triangle == red_triangle[:, :1, :1]).all()  # one colour over the whole frame
+    torch.testing.assert_close(red_triangle, red_square, rtol=0, atol=0.05)
+    assert (red_triangle - green_triangle).abs().amax() > 1
+    clip = torch.stack([_shape("square", (220, 40, 40), (4, 4, 28, 28)),
+                        _shape("square", (40, 200, 60), (36, 4, 60, 28))], dim=1)  # [3, frames, H, W]
+    flat = pp.flat_colour(clip[None].expand(3, -1, -1, -1, -1))  # each frame its own colour
+    torch.testing.assert_close(flat[:, :, 0], red_square.expand(3, -1, -1, -1), rtol=0, atol=0.05)
+    assert (flat[:, :, 1] - flat[:, :, 0]).abs().amax() > 1
+
+
+def test_an_encoder_with_a_flat_image_colour_view_encodes_it_beside_the_grey_one(cfg: EncoderConfig,
+                                                                                 items: _Items) -> None:
+    flat = ib.ImageBindEncoder.from_config(cfg.model_copy(update={"grey_view": True, "image_colour_view": "flat"}),
+                                           CPU, torch.float32)
+    out = flat.encode(items[Modality.IMAGE][:1], CAPS)
+    inputs = flat.preprocess(items[Modality.IMAGE][0], CAPS)
+    colour, grey = (flat.forward_tokens("vision", view(inputs)[None]) for view in (pp.flat_colour, pp.contrast_grey))
+    torch.testing.assert_close(out.pooled[0], torch.cat([colour[0][0], grey[0][0]]), rtol=0, atol=1e-5)
+    assert flat.views(Modality.IMAGE) == flat.views(Modality.VIDEO) == 2 and flat.views(Modality.AUDIO) == 1
+    video = flat.preprocess(items[Modality.VIDEO][0], CAPS)
+    as_is = flat.forward_tokens("vision", video[None])[0][0]
+    torch.testing.assert_close(flat.encode(items[Modality.VIDEO][:1], CAPS).pooled[0, : len(as_is)], as_is, rtol=0,
+                               atol=1e-5)  # a video's colour view is the video as it is
+    with pytest.raises(ValueError, match="set grey_view: true"):
+        cfg.model_validate({**cfg.model_dump(), "image_colour_view": "flat"})
+
+
 def test_media_whose_clips_are_all_the_same_are_prepared_once_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     frames = np.repeat(rng.integers(0, 256, (1, 2, 224, 300, 3), dtype=np.uint8), pp.VIDEO_CLIPS, axis=0)

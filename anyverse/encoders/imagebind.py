@@ -50,6 +50,9 @@ def _as_is(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+COLOUR_VIEWS = {"as_is": _as_is, "flat": pp.flat_colour}  # EncoderConfig.image_colour_view
+
+
 def _timm_shim() -> types.ModuleType:
     """The two symbols ImageBind takes from ``timm.layers``; real timm imports torchvision."""
 
@@ -322,9 +325,11 @@ class ImageBindEncoder:
     """A frozen ImageBind with preprocessing, batching and an optional embedding cache."""
 
     def __init__(self, model: nn.Module, arch: ImageBindArch, weights_id: str, batch_size: int = 8,
-                 cache: EmbeddingCache | None = None, grey_view: bool = False):
+                 cache: EmbeddingCache | None = None, grey_view: bool = False, image_colour_view: str = "as_is"):
         self.model, self.arch, self.id, self.batch_size, self.cache = model, arch, weights_id, batch_size, cache
         self.grey_view = grey_view
+        self._views = {Modality.IMAGE: (COLOUR_VIEWS[image_colour_view], pp.contrast_grey),
+                       Modality.VIDEO: (_as_is, pp.contrast_grey)} if grey_view else {}
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.embed_dim = arch.out_embed_dim
@@ -343,16 +348,17 @@ class ImageBindEncoder:
         model.load_state_dict(state, strict=True, assign=True)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         content = _weights_digest(weights, state)
-        views = "+grey-view" if config.grey_view else ""  # the cache holds what encode returns
+        views = ("+grey-view" + ("" if config.image_colour_view == "as_is" else f"+{config.image_colour_view}-image")
+                 if config.grey_view else "")  # the cache holds what encode returns
         digest = hashlib.sha256(raw + content.encode() + (PREPROCESS_VERSION + views).encode()).hexdigest()
         encoder_id = f"imagebind-{digest[:16]}"
         cache = EmbeddingCache(cache_dir, encoder_id) if cache_dir is not None else None
         log.info("ImageBind encoder %s from %s on %s/%s", encoder_id, directory, device, dtype)
-        return cls(model, arch, encoder_id, config.batch_size, cache, config.grey_view)
+        return cls(model, arch, encoder_id, config.batch_size, cache, config.grey_view, config.image_colour_view)
 
     def views(self, modality: Modality) -> int:
         """How many views :meth:`encode` concatenates for ``modality``: 2 for images and videos with ``grey_view``."""
-        return 2 if self.grey_view and TOWER[modality] == "vision" else 1
+        return len(self._views.get(modality, (_as_is,)))
 
     def token_dim(self, modality: Modality) -> int:
         """Width ``Dt`` of :attr:`EncoderOutput.tokens` for ``modality``."""
@@ -437,7 +443,8 @@ class ImageBindEncoder:
 
     def encode(self, items: list[Media], caps: Caps) -> EncoderOutput:
         """Encode media of one modality (image, audio, video, depth or thermal); cached items are not decoded. With
-        ``grey_view``, an image's or video's pooled and tokens are its own, then its :func:`pp.contrast_grey` view's."""
+        ``grey_view``, an image's or video's pooled and tokens are its colour view's (an image's as it is or, with
+        ``image_colour_view: flat``, :func:`pp.flat_colour`), then its :func:`pp.contrast_grey` view's."""
         modalities = {item.modality for item in items}
         if len(modalities) != 1 or not modalities <= set(_MEDIA_MODALITIES):
             raise ValueError(f"encode() takes a non-empty list of one modality among "
@@ -451,7 +458,7 @@ class ImageBindEncoder:
                     found[sha] = hit
         todo = list({item.sha256: item for item in items if item.sha256 not in found}.values())
         results = self._run(TOWER[todo[0].modality], todo, lambda item: self.preprocess(item, caps),
-                            (_as_is, pp.contrast_grey)[: self.views(todo[0].modality)]) if todo else []
+                            self._views.get(todo[0].modality, (_as_is,))) if todo else []
         for item, (pooled, tokens) in zip(todo, results, strict=True):
             found[item.sha256] = (pooled, tokens)
             if self.cache is not None:

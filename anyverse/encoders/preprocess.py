@@ -88,6 +88,23 @@ def contrast_grey(vision: torch.Tensor) -> torch.Tensor:
     return ((luminance - low) / (high - low).clamp_min(1e-6) - mean) / std
 
 
+def flat_colour(vision: torch.Tensor) -> torch.Tensor:
+    """Each frame of a preprocessed image ``[3, H, W]`` or video ``[clips, 3, frames, H, W]`` filled with the colour of
+    what stands out from it (the pixels farthest from its median colour): colour without shape or place."""
+    view = (3, 1, 1) if vision.ndim == 3 else (1, 3, 1, 1, 1)
+    mean, std = (torch.tensor(v).view(view) for v in (CLIP_MEAN, CLIP_STD))
+    clips = (vision.float() * std + mean).reshape(-1, *vision.shape[-4:]) if vision.ndim == 5 else (
+        (vision.float() * std + mean)[None, :, None])
+    pixels = clips.transpose(1, 2).flatten(3)  # [clips, frames, 3, H * W]
+    distance = (pixels - pixels.median(dim=-1, keepdim=True).values).norm(dim=2, keepdim=True)
+    salient = ((distance > 0.5 * distance.amax(dim=-1, keepdim=True)) & (distance > 0.05)).float()
+    count = salient.sum(dim=-1, keepdim=True)
+    colour = torch.where(count > 0, (pixels * salient).sum(dim=-1, keepdim=True) / count.clamp_min(1),
+                         pixels.median(dim=-1, keepdim=True).values)  # a blank frame keeps its own colour
+    filled = colour.expand_as(pixels).reshape(clips.transpose(1, 2).shape).transpose(1, 2)
+    return (filled.reshape(vision.shape) - mean) / std
+
+
 def gray_tensor(gray: np.ndarray) -> torch.Tensor:
     """Depth or thermal map ``[H, W]`` in [0, 1] -> ``[1, 224, 224]``.
 

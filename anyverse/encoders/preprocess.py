@@ -69,11 +69,16 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     return _normalize(torch.from_numpy(pixels).permute(2, 0, 1), CLIP_MEAN, CLIP_STD)
 
 
+def _per_channel(vision: torch.Tensor, *values: tuple[float, float, float]) -> tuple[torch.Tensor, ...]:
+    """Channel constants that broadcast over a preprocessed image ``[3, H, W]`` or video ``[clips, 3, ...]``."""
+    view = (3, 1, 1) if vision.ndim == 3 else (1, 3, 1, 1, 1)
+    return tuple(torch.tensor(v).view(view) for v in values)
+
+
 def greyscale(vision: torch.Tensor) -> torch.Tensor:
     """A preprocessed image ``[3, H, W]`` or video ``[clips, 3, frames, H, W]`` in grey: each pixel's luminance in all
     three channels, normalised as colour is (a training augmentation that takes colour away from shape)."""
-    view = (3, 1, 1) if vision.ndim == 3 else (1, 3, 1, 1, 1)
-    mean, std, weights = (torch.tensor(v).view(view) for v in (CLIP_MEAN, CLIP_STD, LUMINANCE))
+    mean, std, weights = _per_channel(vision, CLIP_MEAN, CLIP_STD, LUMINANCE)
     luminance = ((vision.float() * std + mean) * weights).sum(dim=-4 if vision.ndim == 5 else 0, keepdim=True)
     return (luminance - mean) / std
 
@@ -81,8 +86,7 @@ def greyscale(vision: torch.Tensor) -> torch.Tensor:
 def contrast_grey(vision: torch.Tensor) -> torch.Tensor:
     """:func:`greyscale`, its luminance stretched to span [0, 1] over the whole item (autocontrast): every colour of a
     shape on a plain background becomes the same bright shape, so this view shows shape without colour."""
-    view = (3, 1, 1) if vision.ndim == 3 else (1, 3, 1, 1, 1)
-    mean, std = (torch.tensor(v).view(view) for v in (CLIP_MEAN, CLIP_STD))
+    mean, std = _per_channel(vision, CLIP_MEAN, CLIP_STD)
     luminance = greyscale(vision) * std + mean
     low, high = luminance.amin(), luminance.amax()
     return ((luminance - low) / (high - low).clamp_min(1e-6) - mean) / std
@@ -91,17 +95,17 @@ def contrast_grey(vision: torch.Tensor) -> torch.Tensor:
 def flat_colour(vision: torch.Tensor) -> torch.Tensor:
     """Each frame of a preprocessed image ``[3, H, W]`` or video ``[clips, 3, frames, H, W]`` filled with the colour of
     what stands out from it (the pixels farthest from its median colour): colour without shape or place."""
-    view = (3, 1, 1) if vision.ndim == 3 else (1, 3, 1, 1, 1)
-    mean, std = (torch.tensor(v).view(view) for v in (CLIP_MEAN, CLIP_STD))
-    clips = (vision.float() * std + mean).reshape(-1, *vision.shape[-4:]) if vision.ndim == 5 else (
-        (vision.float() * std + mean)[None, :, None])
-    pixels = clips.transpose(1, 2).flatten(3)  # [clips, frames, 3, H * W]
-    distance = (pixels - pixels.median(dim=-1, keepdim=True).values).norm(dim=2, keepdim=True)
+    mean, std = _per_channel(vision, CLIP_MEAN, CLIP_STD)
+    rgb = vision.float() * std + mean
+    frames = (rgb.reshape(-1, *vision.shape[-4:]) if vision.ndim == 5 else rgb[None, :, None]).transpose(1, 2)
+    pixels = frames.flatten(3)  # [clips, frames, 3, H * W]
+    median = pixels.median(dim=-1, keepdim=True).values
+    distance = (pixels - median).norm(dim=2, keepdim=True)
     salient = ((distance > 0.5 * distance.amax(dim=-1, keepdim=True)) & (distance > 0.05)).float()
     count = salient.sum(dim=-1, keepdim=True)
     colour = torch.where(count > 0, (pixels * salient).sum(dim=-1, keepdim=True) / count.clamp_min(1),
-                         pixels.median(dim=-1, keepdim=True).values)  # a blank frame keeps its own colour
-    filled = colour.expand_as(pixels).reshape(clips.transpose(1, 2).shape).transpose(1, 2)
+                         median)  # a blank frame keeps its own colour
+    filled = colour.expand_as(pixels).reshape(frames.shape).transpose(1, 2)
     return (filled.reshape(vision.shape) - mean) / std
 
 
